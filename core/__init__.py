@@ -1,0 +1,1 @@
+"""Shared runtime: settings, clients, metrics, health, the `tally` CLI and the dev stack."""

@@ -1,0 +1,43 @@
+"""Postgres engines. Read and write engines are distinct types so `query/` cannot write."""
+
+from __future__ import annotations
+
+from typing import NewType
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+ReadEngine = NewType("ReadEngine", AsyncEngine)
+WriteEngine = NewType("WriteEngine", AsyncEngine)
+
+
+def asyncpg_url(url: str) -> str:
+    """Accept plain `postgresql://` URLs (what users paste) and pick the asyncpg driver."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+asyncpg"):
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    else:
+        raise ValueError(f"unsupported Postgres URL scheme {parsed.drivername!r}")
+    return parsed.render_as_string(hide_password=False)
+
+
+def _engine(url: str, *, pool_size: int, app: str, statement_timeout_ms: int | None) -> AsyncEngine:
+    server_settings = {"application_name": app}
+    if statement_timeout_ms:
+        server_settings["statement_timeout"] = str(statement_timeout_ms)
+    return create_async_engine(
+        asyncpg_url(url),
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_pre_ping=False,
+        pool_timeout=5,
+        connect_args={"server_settings": server_settings, "timeout": 5},
+    )
+
+
+def write_engine(url: str, *, pool_size: int = 2, app: str = "tally") -> WriteEngine:
+    return WriteEngine(_engine(url, pool_size=pool_size, app=app, statement_timeout_ms=None))
+
+
+def read_engine(url: str, *, pool_size: int, statement_timeout_ms: int, app: str = "tally-query") -> ReadEngine:
+    return ReadEngine(_engine(url, pool_size=pool_size, app=app, statement_timeout_ms=statement_timeout_ms))

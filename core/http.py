@@ -1,0 +1,85 @@
+"""What every Tally HTTP service shares: metrics middleware, request ids, health routes.
+
+The middleware is pure ASGI (no BaseHTTPMiddleware on the hot path) and labels
+requests by route template, so `/v1/rollups/{name}` is one series, not one per name.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core import metrics
+
+REQUEST_ID_HEADER = b"x-request-id"
+ReadinessCheck = Callable[[Request], Awaitable[dict[str, bool]]]
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+        self._in_progress = metrics.http_in_progress.labels(service)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((REQUEST_ID_HEADER, request_id.encode()))
+            await send(message)
+
+        self._in_progress.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self._in_progress.dec()
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            metrics.http_requests.labels(self.service, template, scope["method"], str(status)).inc()
+            metrics.http_latency.labels(self.service, template).observe(time.perf_counter() - start)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER and 0 < len(value) <= 128:
+            return value.decode("latin-1")
+    return uuid.uuid4().hex
+
+
+def ops_router(readiness: ReadinessCheck) -> APIRouter:
+    """`/healthz` (alive), `/readyz` (dependencies reachable, false while draining), `/metrics`."""
+    router = APIRouter(tags=["ops"])
+
+    @router.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", summary="Readiness: Kafka, Postgres and Redis reachable")
+    async def readyz(request: Request) -> Response:
+        checks = await readiness(request)
+        draining = bool(getattr(request.app.state, "draining", False))
+        ready = all(checks.values()) and not draining
+        body = {"ready": ready, "draining": draining, "checks": checks}
+        return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
+
+    @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        payload, content_type = metrics.metrics_payload()
+        return Response(payload, media_type=content_type)
+
+    return router

@@ -1,0 +1,71 @@
+"""Kafka clients with Tally's defaults, which differ from aiokafka's on purpose.
+
+aiokafka defaults to acks=1, auto-commit on and auto_offset_reset=latest; Tally
+needs acks=all (a 2xx means durable), no auto-commit (offsets live in Postgres)
+and earliest (a new group reads everything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from core.settings import Settings
+
+MAX_RECORD_BYTES = 2 * 1024 * 1024
+
+
+def producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=settings.kafka_idempotence,
+        compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
+        linger_ms=settings.producer_linger_ms,
+        max_request_size=MAX_RECORD_BYTES,
+        max_batch_size=MAX_RECORD_BYTES,
+        request_timeout_ms=int(settings.produce_timeout_seconds * 1000),
+        client_id="tally-ingest",
+    )
+
+
+def consumer(settings: Settings, *, group_id: str | None, client_id: str = "tally-consumer") -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        max_partition_fetch_bytes=MAX_RECORD_BYTES * 4,
+        fetch_max_bytes=64 * 1024 * 1024,
+        client_id=client_id,
+    )
+
+
+async def ensure_topics(settings: Settings, topics: Sequence[str] | None = None) -> None:
+    """Create the event and DLQ topics with their partition count before anything produces.
+
+    Creating them explicitly matters: an auto-created topic gets the broker's
+    default partition count (Tansu: 4), which may be fewer than consumers.
+    """
+    names = topics or (settings.topic, settings.dlq_topic)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tally-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(t, settings.topic_partitions, settings.topic_replication) for t in names if t not in existing
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+        await asyncio.sleep(0)
+    finally:
+        await admin.close()

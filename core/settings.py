@@ -1,0 +1,130 @@
+"""One settings object, read from `TALLY_*` environment variables.
+
+Built by `get_settings()` when a process starts, never at import time, so tests
+and the dev stack can hand each process its own.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.events import EventLimits
+from schemas.rollups import RollupSpec, load_rollups
+
+DEFAULT_ROLLUPS = Path(__file__).with_name("rollups.toml")
+DEV_CURSOR_SECRET = "tally-dev-cursor-secret"  # noqa: S105 - refused outside env=dev
+
+
+class SettingsError(ValueError):
+    """A setting that is missing or unsafe for the environment."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TALLY_", extra="ignore", frozen=True)
+
+    env: Literal["dev", "test", "prod"] = "prod"
+
+    # Servers. Unset means "none configured": `tally dev` then starts an embedded one.
+    kafka_bootstrap: str | None = None
+    postgres_url: str | None = None
+    redis_url: str | None = None
+
+    # Kafka layout.
+    topic: str = "tally.events"
+    dlq_topic: str = "tally.events.dlq"
+    topic_partitions: int = Field(6, ge=1)
+    topic_replication: int = Field(1, ge=1)
+    consumer_group: str = "tally"
+    kafka_idempotence: bool = False  # on for real Kafka; Tansu cannot do it
+    kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
+
+    # Processes.
+    bind_host: str = "127.0.0.1"
+    ingest_port: int = 8000
+    query_port: int = 8001
+    consumer_metrics_port: int = 9101
+    rollups_file: Path = DEFAULT_ROLLUPS  # the shipped core/rollups.toml
+    log_level: str = "info"
+
+    # Ingest limits (DESIGN §2).
+    max_body_bytes: int = 5 * 1024 * 1024
+    max_events: int = 10_000
+    max_event_bytes: int = 32 * 1024
+    max_depth: int = 8
+    max_properties: int = 100
+    max_key_chars: int = 128
+    max_string_chars: int = 8192
+    lateness_seconds: int = 7 * 86_400
+    future_seconds: int = 300
+    envelope_max_bytes: int = 1024 * 1024
+
+    # Ingest backpressure.
+    max_inflight_bytes: int = 64 * 1024 * 1024
+    produce_timeout_seconds: float = 10.0
+    producer_linger_ms: int = 2
+    retry_after_seconds: int = 1
+
+    # Consumer.
+    batch_max_records: int = 2_000  # records (envelopes) per poll
+    batch_max_wait_ms: int = 250
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+
+    # Query and cache (DESIGN §6).
+    default_limit: int = 1_000
+    max_limit: int = 10_000
+    max_offset: int = 100_000
+    statement_timeout_ms: int = 5_000
+    db_pool_size: int = 10
+    cache_prefix: str = "tally:"
+    cache_fresh_seconds: float = 5.0
+    cache_stale_seconds: float = 60.0
+    cache_closed_fresh_seconds: float = 3_600.0
+    cursor_secret: str = DEV_CURSOR_SECRET
+
+    # Embedded dev stack (`tally dev`).
+    dev_dir: Path = Path(".tally")
+    dev_kafka_port: int = 19092
+    dev_postgres_port: int = 15432
+    dev_redis_port: int = 16379
+
+    @cached_property
+    def rollups(self) -> tuple[RollupSpec, ...]:
+        return load_rollups(self.rollups_file)
+
+    @property
+    def event_limits(self) -> EventLimits:
+        return EventLimits(
+            max_event_bytes=self.max_event_bytes,
+            max_depth=self.max_depth,
+            max_properties=self.max_properties,
+            max_key_chars=self.max_key_chars,
+            max_string_chars=self.max_string_chars,
+            lateness_ms=self.lateness_seconds * 1000,
+            future_ms=self.future_seconds * 1000,
+        )
+
+    def require(self, *names: str) -> None:
+        """Fail at start-up, naming the variables a service needs but lacks."""
+        missing = [f"TALLY_{n.upper()}" for n in names if getattr(self, n) is None]
+        if missing:
+            raise SettingsError(f"set {', '.join(missing)} (or run `tally dev` for an embedded stack)")
+        if self.env == "prod" and self.cursor_secret == DEV_CURSOR_SECRET:
+            raise SettingsError("set TALLY_CURSOR_SECRET: the default is only for env=dev or test")
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as TALLY_* variables, for child processes."""
+        out: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is not None:
+                out[f"TALLY_{name.upper()}"] = str(value)
+        return out
+
+
+def get_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)  # type: ignore[arg-type]

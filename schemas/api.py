@@ -1,0 +1,91 @@
+"""Response and error models shared by the HTTP services (and their OpenAPI schemas)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, served as application/problem+json."""
+
+    type: str = Field("about:blank", examples=["https://tally.dev/problems/invalid-events"])
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Per-item errors, e.g. rejected events by index."
+    )
+
+
+class RejectedEvent(BaseModel):
+    index: int = Field(description="Position of the event in the batch, from 0.")
+    error: str
+
+
+class IngestAccepted(BaseModel):
+    accepted: int = Field(description="Events durable in Kafka.")
+    rejected: list[RejectedEvent] = Field(default_factory=list)
+
+
+class DimensionInfo(BaseModel):
+    name: str
+    path: str
+
+
+class MeasureInfo(BaseModel):
+    name: str
+    op: str
+    path: str | None
+    merge: str = Field(description="How the measure merges across buckets: sum, min or max.")
+
+
+class RollupInfo(BaseModel):
+    name: str
+    table: str
+    granularity: str
+    granularities: list[str] = Field(description="Granularities this rollup can be queried at.")
+    dimensions: list[DimensionInfo]
+    measures: list[MeasureInfo]
+    where: dict[str, list[str]]
+
+
+class RollupList(BaseModel):
+    data: list[RollupInfo]
+
+
+class QueryMeta(BaseModel):
+    rollup: str
+    granularity: str
+    from_: str = Field(alias="from")
+    to: str
+    fields: list[str]
+    order: list[str]
+    limit: int
+    offset: int | None = None
+    rows: int
+    elapsed_ms: float
+
+
+class QueryResult(BaseModel):
+    data: list[dict[str, Any]] | dict[str, list[Any]]
+    next_cursor: str | None
+    meta: QueryMeta
+
+
+class PartitionLag(BaseModel):
+    partition: int
+    end_offset: int
+    stored_offset: int | None
+    lag_records: int
+    lag_seconds: float
+
+
+class LagReport(BaseModel):
+    group: str
+    topic: str
+    partitions: list[PartitionLag]
+    total_lag_records: int
+    max_lag_seconds: float

@@ -1,0 +1,156 @@
+"""Event rules: what a producer may send, and the normalized form written to Kafka.
+
+Validation is hand-written over orjson-parsed dicts instead of a pydantic model
+because it runs once per event on the ingest hot path and must name the exact
+field and limit that a refused event broke. Everything here is pure.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+SHORT_FIELDS = ("source", "user_id", "session_id")
+KNOWN_FIELDS = frozenset({"type", "event_id", "ts", "properties", *SHORT_FIELDS})
+# JSON numbers beyond this cannot be summed exactly by consumers in other languages.
+MAX_SAFE_NUMBER = 2**63
+
+
+@dataclass(frozen=True, slots=True)
+class EventLimits:
+    """Per-event limits. Each refusal names the limit it hit."""
+
+    max_event_bytes: int = 32 * 1024
+    max_depth: int = 8
+    max_properties: int = 100
+    max_key_chars: int = 128
+    max_string_chars: int = 8192
+    max_short_chars: int = 256
+    lateness_ms: int = 7 * 86_400_000
+    future_ms: int = 5 * 60_000
+
+
+class InvalidEvent(ValueError):
+    """One event broke a rule; the message is shown to the producer as is."""
+
+
+def _parse_ts(value: Any) -> int:
+    if isinstance(value, bool):
+        raise InvalidEvent("ts must be an RFC 3339 string or epoch milliseconds")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidEvent(f"ts {value[:64]!r} is not an RFC 3339 timestamp") from None
+        if parsed.tzinfo is None:
+            raise InvalidEvent(f"ts {value[:64]!r} has no UTC offset (RFC 3339 requires one)")
+        return int(parsed.timestamp() * 1000)
+    raise InvalidEvent("ts must be an RFC 3339 string or epoch milliseconds")
+
+
+def _check_properties(value: Any, limits: EventLimits) -> None:
+    if not isinstance(value, dict):
+        raise InvalidEvent("properties must be a JSON object")
+    if len(value) > limits.max_properties:
+        raise InvalidEvent(f"properties has {len(value)} keys; the limit is {limits.max_properties}")
+    _check_tree(value, 1, limits, "properties")
+
+
+def _check_tree(value: Any, depth: int, limits: EventLimits, where: str) -> None:
+    if depth > limits.max_depth:
+        raise InvalidEvent(f"{where} nests deeper than {limits.max_depth} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if len(key) > limits.max_key_chars:
+                raise InvalidEvent(f"{where} has a key of {len(key)} chars; the limit is {limits.max_key_chars}")
+            if isinstance(item, dict | list):
+                _check_tree(item, depth + 1, limits, f"{where}.{key}")
+            else:
+                _check_leaf(item, limits, f"{where}.{key}")
+    else:
+        for i, item in enumerate(value):
+            if isinstance(item, dict | list):
+                _check_tree(item, depth + 1, limits, f"{where}[{i}]")
+            else:
+                _check_leaf(item, limits, f"{where}[{i}]")
+
+
+def _check_leaf(value: Any, limits: EventLimits, where: str) -> None:
+    if isinstance(value, str):
+        if len(value) > limits.max_string_chars:
+            raise InvalidEvent(f"{where} is {len(value)} chars; the limit is {limits.max_string_chars}")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= MAX_SAFE_NUMBER:
+        raise InvalidEvent(f"{where} is outside the 64-bit integer range")
+
+
+def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits) -> bytes:
+    """Validate one raw event and return its normalized JSON, or raise InvalidEvent."""
+    if not isinstance(raw, dict):
+        raise InvalidEvent("an event must be a JSON object")
+    unknown = raw.keys() - KNOWN_FIELDS
+    if unknown:
+        raise InvalidEvent(f"unknown field(s): {', '.join(sorted(unknown)[:5])}")
+    etype = raw.get("type")
+    if not isinstance(etype, str) or not TYPE_PATTERN.match(etype):
+        raise InvalidEvent(f"type is required and must match {TYPE_PATTERN.pattern}")
+    event: dict[str, Any] = {"type": etype}
+
+    event_id = raw.get("event_id")
+    if event_id is None:
+        event["event_id"] = str(uuid.uuid4())
+    else:
+        if not isinstance(event_id, str):
+            raise InvalidEvent("event_id must be a UUID string")
+        try:
+            event["event_id"] = str(uuid.UUID(event_id))
+        except ValueError:
+            raise InvalidEvent(f"event_id {event_id[:64]!r} is not a UUID") from None
+
+    ts = raw.get("ts")
+    ts_ms = received_at_ms if ts is None else _parse_ts(ts)
+    if ts_ms < received_at_ms - limits.lateness_ms:
+        raise InvalidEvent(f"ts is older than the lateness window ({limits.lateness_ms // 1000} s)")
+    if ts_ms > received_at_ms + limits.future_ms:
+        raise InvalidEvent(f"ts is more than {limits.future_ms // 1000} s in the future")
+    event["ts"] = ts_ms
+    event["received_at"] = received_at_ms
+
+    for name in SHORT_FIELDS:
+        value = raw.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InvalidEvent(f"{name} must be a string")
+        if len(value) > limits.max_short_chars:
+            raise InvalidEvent(f"{name} is {len(value)} chars; the limit is {limits.max_short_chars}")
+        event[name] = value
+
+    properties = raw.get("properties")
+    if properties is not None:
+        _check_properties(properties, limits)
+        event["properties"] = properties
+
+    encoded = orjson.dumps(event)
+    if len(encoded) > limits.max_event_bytes:
+        raise InvalidEvent(f"event is {len(encoded)} bytes; the limit is {limits.max_event_bytes}")
+    return encoded
+
+
+def lookup(event: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    """The value at a dotted path (already split), or None where any step is missing."""
+    value: Any = event
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+        if value is None:
+            return None
+    return value

@@ -1,0 +1,181 @@
+"""Rollups are declared in TOML, not coded: this module turns a declaration into a spec.
+
+A spec fixes the table name, the column names the query API exposes, and how each
+measure merges. Everything here is pure so that the consumer, the query planner
+and migrations agree on one definition.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Granularity = Literal["minute", "hour", "day", "week", "month"]
+GRANULARITIES: tuple[Granularity, ...] = ("minute", "hour", "day", "week", "month")
+# Tables may only be stored at fixed-width buckets; week and month are query-time only.
+TABLE_GRANULARITIES: tuple[Granularity, ...] = ("minute", "hour", "day")
+GRANULARITY_MS: dict[str, int] = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+
+MeasureOp = Literal["count", "sum", "min", "max"]
+TOP_LEVEL_FIELDS = ("type", "source", "user_id", "session_id")
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+_PATH_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+
+
+class RollupSpecError(ValueError):
+    """A rollups file that cannot be used as written."""
+
+
+def granularity_rank(g: str) -> int:
+    return GRANULARITIES.index(g)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Dimension:
+    """A grouping column taken from a top-level field or a `properties.*` path."""
+
+    path: str
+
+    @property
+    def column(self) -> str:
+        return self.path.replace(".", "_")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.path.split("."))
+
+
+@dataclass(frozen=True, slots=True)
+class Measure:
+    """`count`, or `sum|min|max` over a numeric path. All merge by addition or min/max."""
+
+    op: MeasureOp
+    path: str | None = None
+
+    @property
+    def column(self) -> str:
+        return "count" if self.op == "count" else f"{self.op}_{self.path_column}"
+
+    @property
+    def path_column(self) -> str:
+        assert self.path is not None
+        return self.path.replace(".", "_")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        assert self.path is not None
+        return tuple(self.path.split("."))
+
+    @property
+    def declaration(self) -> str:
+        return "count" if self.op == "count" else f"{self.op}:{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class RollupSpec:
+    name: str
+    granularity: Granularity
+    dimensions: tuple[Dimension, ...]
+    measures: tuple[Measure, ...]
+    # path -> allowed values; an event is counted only if every path matches one of them.
+    where: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def table(self) -> str:
+        return f"agg_{self.name}"
+
+    @property
+    def dimension_columns(self) -> tuple[str, ...]:
+        return tuple(d.column for d in self.dimensions)
+
+    @property
+    def measure_columns(self) -> tuple[str, ...]:
+        return tuple(m.column for m in self.measures)
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return ("bucket", *self.dimension_columns)
+
+    def measure(self, column: str) -> Measure:
+        for m in self.measures:
+            if m.column == column:
+                return m
+        raise KeyError(column)
+
+
+def _check_path(path: object, what: str, rollup: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise RollupSpecError(f"rollup {rollup!r}: {what} must be a non-empty string")
+    parts = path.split(".")
+    if parts[0] == "properties":
+        ok = len(parts) >= 2 and all(_PATH_PART.match(p) for p in parts[1:])
+    else:
+        ok = len(parts) == 1 and parts[0] in TOP_LEVEL_FIELDS
+    if not ok:
+        raise RollupSpecError(
+            f"rollup {rollup!r}: {what} {path!r} must be one of {', '.join(TOP_LEVEL_FIELDS)} "
+            "or properties.<key>[.<key>...]"
+        )
+    return path
+
+
+def _parse_measure(decl: object, rollup: str) -> Measure:
+    if decl == "count":
+        return Measure("count")
+    if not isinstance(decl, str) or ":" not in decl:
+        raise RollupSpecError(f"rollup {rollup!r}: measure {decl!r} must be 'count' or '<op>:<path>'")
+    op, path = decl.split(":", 1)
+    if op not in ("sum", "min", "max"):
+        raise RollupSpecError(f"rollup {rollup!r}: measure op {op!r} must be sum, min or max")
+    return Measure(op, _check_path(path, "measure path", rollup))  # type: ignore[arg-type]
+
+
+def parse_rollup(raw: Mapping[str, Any]) -> RollupSpec:
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise RollupSpecError(f"rollup name {name!r} must match {_NAME.pattern}")
+    granularity = raw.get("granularity", "minute")
+    if granularity not in TABLE_GRANULARITIES:
+        raise RollupSpecError(f"rollup {name!r}: granularity must be one of {TABLE_GRANULARITIES}")
+    dims_raw = raw.get("dimensions", [])
+    if not isinstance(dims_raw, list):
+        raise RollupSpecError(f"rollup {name!r}: dimensions must be a list")
+    dimensions = tuple(Dimension(_check_path(d, "dimension", name)) for d in dims_raw)
+    measures = tuple(_parse_measure(m, name) for m in raw.get("measures", ["count"]))
+    where_raw = raw.get("where", {})
+    if not isinstance(where_raw, dict):
+        raise RollupSpecError(f"rollup {name!r}: where must be a table of path = value(s)")
+    where: dict[str, tuple[str, ...]] = {}
+    for path, values in where_raw.items():
+        _check_path(path, "where path", name)
+        vals = values if isinstance(values, list) else [values]
+        where[path] = tuple(str(v) for v in vals)
+    spec = RollupSpec(name, granularity, dimensions, measures, where)
+    columns = ["bucket", *spec.dimension_columns, *spec.measure_columns]
+    duplicates = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicates:
+        raise RollupSpecError(f"rollup {name!r}: columns collide: {', '.join(duplicates)}")
+    if not spec.measures:
+        raise RollupSpecError(f"rollup {name!r}: at least one measure is needed")
+    return spec
+
+
+def parse_rollups(doc: Mapping[str, Any]) -> tuple[RollupSpec, ...]:
+    items: Sequence[Mapping[str, Any]] = doc.get("rollup", [])
+    specs = tuple(parse_rollup(r) for r in items)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise RollupSpecError("rollup names must be unique")
+    if not specs:
+        raise RollupSpecError("no [[rollup]] is declared")
+    return specs
+
+
+def load_rollups(path: Path) -> tuple[RollupSpec, ...]:
+    with path.open("rb") as f:
+        return parse_rollups(tomllib.load(f))
