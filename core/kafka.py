@@ -7,7 +7,7 @@ and earliest (a new group reads everything).
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -62,10 +62,7 @@ async def ensure_topics(settings: Settings, topics: Sequence[str] | None = None)
             NewTopic(t, settings.topic_partitions, settings.topic_replication) for t in names if t not in existing
         ]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent migrate won
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
-        await asyncio.sleep(0)
     finally:
         await admin.close()

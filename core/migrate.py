@@ -20,9 +20,9 @@ _LOCK_ID = 0x7A11_7A11
 
 
 async def migrate_database(settings: Settings) -> None:
-    assert settings.postgres_url is not None
+    settings.require("postgres_url")
     metadata = build_metadata(settings.rollups)
-    engine = write_engine(settings.postgres_url, pool_size=1, app="tally-migrate")
+    engine = write_engine(str(settings.postgres_url), pool_size=1, app="tally-migrate")
     try:
         async with engine.begin() as conn:
             await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
@@ -30,7 +30,7 @@ async def migrate_database(settings: Settings) -> None:
             # create_all adds indexes only to new tables; add any declared since.
             for table in metadata.sorted_tables:
                 for index in table.indexes:
-                    await conn.run_sync(lambda sync, ix=index: ix.create(sync, checkfirst=True))
+                    await conn.run_sync(index.create, checkfirst=True)
     finally:
         await engine.dispose()
     log.info("database ready: %s", ", ".join(s.table for s in settings.rollups))

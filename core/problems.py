@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from fastapi import FastAPI, Request
@@ -88,7 +88,7 @@ def problem_response(
 
 
 async def _tally_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, TallyError)
+    exc = cast(TallyError, exc)
     return problem_response(
         exc.status, exc.title, exc.detail, slug=exc.slug, instance=request.url.path,
         errors=exc.errors, headers=exc.headers,
@@ -96,7 +96,7 @@ async def _tally_error(request: Request, exc: Exception) -> Response:
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
+    exc = cast(RequestValidationError, exc)
     errors = [
         {"location": ".".join(str(p) for p in e.get("loc", ())), "error": e.get("msg", "")}
         for e in exc.errors()
@@ -107,7 +107,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
+    exc = cast(StarletteHTTPException, exc)
     return problem_response(exc.status_code, str(exc.detail), None, instance=request.url.path,
                             headers=dict(exc.headers or {}))
 

@@ -32,7 +32,7 @@ class RollupSpecError(ValueError):
 
 
 def granularity_rank(g: str) -> int:
-    return GRANULARITIES.index(g)  # type: ignore[arg-type]
+    return GRANULARITIES.index(g)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +63,11 @@ class Measure:
 
     @property
     def path_column(self) -> str:
-        assert self.path is not None
-        return self.path.replace(".", "_")
+        return (self.path or "").replace(".", "_")
 
     @property
     def keys(self) -> tuple[str, ...]:
-        assert self.path is not None
-        return tuple(self.path.split("."))
+        return tuple(self.path.split(".")) if self.path else ()
 
     @property
     def declaration(self) -> str:
