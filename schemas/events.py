@@ -37,40 +37,49 @@ class EventLimits:
 
 
 class InvalidEvent(ValueError):
-    """One event broke a rule; the message is shown to the producer as is."""
+    """One event broke a rule; the message is shown to the producer as is.
+
+    `reason` is a short fixed code (the field or limit) for metrics labels.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _parse_ts(value: Any) -> int:
     if isinstance(value, bool):
-        raise InvalidEvent("ts must be an RFC 3339 string or epoch milliseconds")
+        raise InvalidEvent("ts must be an RFC 3339 string or epoch milliseconds", "ts")
     if isinstance(value, int):
         return value
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
-            raise InvalidEvent(f"ts {value[:64]!r} is not an RFC 3339 timestamp") from None
+            raise InvalidEvent(f"ts {value[:64]!r} is not an RFC 3339 timestamp", "ts") from None
         if parsed.tzinfo is None:
-            raise InvalidEvent(f"ts {value[:64]!r} has no UTC offset (RFC 3339 requires one)")
+            raise InvalidEvent(f"ts {value[:64]!r} has no UTC offset (RFC 3339 requires one)", "ts")
         return int(parsed.timestamp() * 1000)
-    raise InvalidEvent("ts must be an RFC 3339 string or epoch milliseconds")
+    raise InvalidEvent("ts must be an RFC 3339 string or epoch milliseconds", "ts")
 
 
 def _check_properties(value: Any, limits: EventLimits) -> None:
     if not isinstance(value, dict):
-        raise InvalidEvent("properties must be a JSON object")
+        raise InvalidEvent("properties must be a JSON object", "properties")
     if len(value) > limits.max_properties:
-        raise InvalidEvent(f"properties has {len(value)} keys; the limit is {limits.max_properties}")
+        raise InvalidEvent(f"properties has {len(value)} keys; the limit is {limits.max_properties}", "properties")
     _check_tree(value, 1, limits, "properties")
 
 
 def _check_tree(value: Any, depth: int, limits: EventLimits, where: str) -> None:
     if depth > limits.max_depth:
-        raise InvalidEvent(f"{where} nests deeper than {limits.max_depth} levels")
+        raise InvalidEvent(f"{where} nests deeper than {limits.max_depth} levels", "depth")
     if isinstance(value, dict):
         for key, item in value.items():
             if len(key) > limits.max_key_chars:
-                raise InvalidEvent(f"{where} has a key of {len(key)} chars; the limit is {limits.max_key_chars}")
+                raise InvalidEvent(
+                    f"{where} has a key of {len(key)} chars; the limit is {limits.max_key_chars}", "properties"
+                )
             if isinstance(item, dict | list):
                 _check_tree(item, depth + 1, limits, f"{where}.{key}")
             else:
@@ -86,21 +95,21 @@ def _check_tree(value: Any, depth: int, limits: EventLimits, where: str) -> None
 def _check_leaf(value: Any, limits: EventLimits, where: str) -> None:
     if isinstance(value, str):
         if len(value) > limits.max_string_chars:
-            raise InvalidEvent(f"{where} is {len(value)} chars; the limit is {limits.max_string_chars}")
+            raise InvalidEvent(f"{where} is {len(value)} chars; the limit is {limits.max_string_chars}", "properties")
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= MAX_SAFE_NUMBER:
-        raise InvalidEvent(f"{where} is outside the 64-bit integer range")
+        raise InvalidEvent(f"{where} is outside the 64-bit integer range", "properties")
 
 
 def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits) -> bytes:
     """Validate one raw event and return its normalized JSON, or raise InvalidEvent."""
     if not isinstance(raw, dict):
-        raise InvalidEvent("an event must be a JSON object")
+        raise InvalidEvent("an event must be a JSON object", "not_object")
     unknown = raw.keys() - KNOWN_FIELDS
     if unknown:
-        raise InvalidEvent(f"unknown field(s): {', '.join(sorted(unknown)[:5])}")
+        raise InvalidEvent(f"unknown field(s): {', '.join(sorted(unknown)[:5])}", "unknown_field")
     etype = raw.get("type")
     if not isinstance(etype, str) or not TYPE_PATTERN.match(etype):
-        raise InvalidEvent(f"type is required and must match {TYPE_PATTERN.pattern}")
+        raise InvalidEvent(f"type is required and must match {TYPE_PATTERN.pattern}", "type")
     event: dict[str, Any] = {"type": etype}
 
     event_id = raw.get("event_id")
@@ -108,18 +117,18 @@ def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits) -> bytes
         event["event_id"] = str(uuid.uuid4())
     else:
         if not isinstance(event_id, str):
-            raise InvalidEvent("event_id must be a UUID string")
+            raise InvalidEvent("event_id must be a UUID string", "event_id")
         try:
             event["event_id"] = str(uuid.UUID(event_id))
         except ValueError:
-            raise InvalidEvent(f"event_id {event_id[:64]!r} is not a UUID") from None
+            raise InvalidEvent(f"event_id {event_id[:64]!r} is not a UUID", "event_id") from None
 
     ts = raw.get("ts")
     ts_ms = received_at_ms if ts is None else _parse_ts(ts)
     if ts_ms < received_at_ms - limits.lateness_ms:
-        raise InvalidEvent(f"ts is older than the lateness window ({limits.lateness_ms // 1000} s)")
+        raise InvalidEvent(f"ts is older than the lateness window ({limits.lateness_ms // 1000} s)", "ts_late")
     if ts_ms > received_at_ms + limits.future_ms:
-        raise InvalidEvent(f"ts is more than {limits.future_ms // 1000} s in the future")
+        raise InvalidEvent(f"ts is more than {limits.future_ms // 1000} s in the future", "ts_future")
     event["ts"] = ts_ms
     event["received_at"] = received_at_ms
 
@@ -128,9 +137,9 @@ def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits) -> bytes
         if value is None:
             continue
         if not isinstance(value, str):
-            raise InvalidEvent(f"{name} must be a string")
+            raise InvalidEvent(f"{name} must be a string", name)
         if len(value) > limits.max_short_chars:
-            raise InvalidEvent(f"{name} is {len(value)} chars; the limit is {limits.max_short_chars}")
+            raise InvalidEvent(f"{name} is {len(value)} chars; the limit is {limits.max_short_chars}", name)
         event[name] = value
 
     properties = raw.get("properties")
@@ -140,7 +149,7 @@ def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits) -> bytes
 
     encoded = orjson.dumps(event)
     if len(encoded) > limits.max_event_bytes:
-        raise InvalidEvent(f"event is {len(encoded)} bytes; the limit is {limits.max_event_bytes}")
+        raise InvalidEvent(f"event is {len(encoded)} bytes; the limit is {limits.max_event_bytes}", "too_large")
     return encoded
 
 

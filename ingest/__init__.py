@@ -1,0 +1,1 @@
+"""Ingest service: POST /v1/events -> validated, normalized envelopes durable in Kafka."""
