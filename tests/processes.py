@@ -1,0 +1,65 @@
+"""Tally's own processes, started the way an operator starts them (`tally <command>`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core import devstack
+from core.settings import Settings
+
+
+@dataclass
+class TallyProcess:
+    command: str
+    settings: Settings
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self, timeout: float = 60.0) -> TallyProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+        env.update(self.settings.to_env())
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "core.cli", self.command],
+                env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=devstack._die_with_parent,
+            )
+        devstack.wait_for_port(self.port, timeout, self.process)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish a batch or leave the group."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the graceful path. Returns the exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def tally_process(command: str, settings: Settings, tmp: Path) -> TallyProcess:
+    """A process on fresh ports, so several can run side by side."""
+    port = devstack.free_port()
+    field_name = {"ingest": "ingest_port", "query": "query_port", "consume": "consumer_metrics_port"}[command]
+    own = settings.model_copy(update={field_name: port})
+    return TallyProcess(command, own, port, tmp / f"{command}-{port}-{int(time.time() * 1000)}.log")
