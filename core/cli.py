@@ -7,15 +7,30 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from core.settings import Settings, SettingsError, get_settings
 
 
+def _prepare_multiprocess_metrics(workers: int) -> None:
+    """Workers share counters through files; the directory must exist and start empty."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path is None and workers > 1:
+        path = tempfile.mkdtemp(prefix="tally-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+
+
 def _serve(app_path: str, settings: Settings, port: int, workers: int) -> None:
     import uvicorn
 
+    _prepare_multiprocess_metrics(workers)
     uvicorn.run(
         app_path,
         factory=True,
