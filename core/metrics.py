@@ -61,6 +61,11 @@ cache_refreshes = Counter("tally_query_cache_refreshes_total", "Background stale
 query_seconds = Histogram("tally_query_seconds", "Query latency by rollup and cache outcome",
                           ["rollup", "outcome"], buckets=_LATENCY)
 query_rows = Counter("tally_query_rows_total", "Rows returned by queries", ["rollup"])
+query_computations = Counter("tally_query_computations_total",
+                             "Rollup queries run against Postgres (miss, background refresh, Redis bypass)",
+                             ["rollup", "reason"])
+lag_probe_seconds = Histogram("tally_query_lag_probe_seconds", "Time to measure lag for every partition",
+                              buckets=_LATENCY)
 db_pool_in_use = Gauge("tally_db_pool_connections_in_use", "Checked-out Postgres connections",
                        ["service"], multiprocess_mode="livesum")
 

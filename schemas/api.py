@@ -62,6 +62,9 @@ class QueryMeta(BaseModel):
     from_: str = Field(alias="from")
     to: str
     fields: list[str]
+    filters: dict[str, list[str]] = Field(
+        default_factory=dict, description="Applied filters by dimension, values sorted and de-duplicated."
+    )
     order: list[str]
     limit: int
     offset: int | None = None

@@ -1,0 +1,82 @@
+"""The query service's app factory. Nothing connects at import time; the lifespan owns every client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from core.cache import redis_client
+from core.db import read_engine
+from core.health import postgres_ok, redis_ok
+from core.http import MetricsMiddleware, ops_router
+from core.problems import install_problem_handlers
+from core.settings import Settings, get_settings
+from query.cache import QueryCache
+from query.catalog import Catalog
+from query.lag import LagProbe
+from query.params import Limits
+from query.routes import router
+from query.state import QueryState, state
+
+REQUIRED = ("postgres_url", "redis_url", "kafka_bootstrap")
+
+
+async def readiness(request: Request) -> dict[str, bool]:
+    st = state(request)
+    postgres, redis, kafka = await asyncio.gather(
+        postgres_ok(st["engine"]), redis_ok(st["redis"]), st["lag"].kafka_ok()
+    )
+    return {"postgres": postgres, "redis": redis, "kafka": kafka}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    settings.require(*REQUIRED)
+    catalog = Catalog(settings.rollups)  # a broken rollups file fails here, before serving
+    limits = Limits(default_limit=settings.default_limit, max_limit=settings.max_limit, max_offset=settings.max_offset)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[QueryState]:
+        engine = read_engine(
+            str(settings.postgres_url),
+            pool_size=settings.db_pool_size,
+            statement_timeout_ms=settings.statement_timeout_ms,
+        )
+        redis = redis_client(str(settings.redis_url))
+        lag = LagProbe(settings, engine)
+        # A lock outlives the slowest query, so a crashed holder delays others by at most that.
+        cache = QueryCache(redis, lock_ttl_ms=settings.statement_timeout_ms + 2_000)
+        try:
+            await lag.start()
+            yield QueryState(
+                settings=settings, engine=engine, redis=redis, cache=cache, catalog=catalog, limits=limits, lag=lag
+            )
+        finally:
+            try:
+                await cache.drain()
+                await lag.close()
+            finally:
+                await redis.aclose()
+                await engine.dispose()
+
+    app = FastAPI(
+        title="Tally query API",
+        version="0.1.0",
+        description="Rollup queries with column selection, keyset pagination and a Redis "
+        "stale-while-revalidate cache; consumer lag for operators.",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    app.add_middleware(MetricsMiddleware, service="query")
+    app.include_router(router)
+    app.include_router(ops_router(readiness))
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Entry point for `uvicorn --factory query.app:app_from_env` (what `tally query` runs)."""
+    settings = get_settings()
+    settings.require(*REQUIRED)
+    return create_app(settings)

@@ -1,0 +1,130 @@
+"""What the query cache stores, under which key, and for how long. Pure.
+
+A range that ends before `now - lateness` can no longer change (late events are
+refused at ingest), so its answer is immutable and cached long. An open range is
+fresh briefly, then served stale while one worker refreshes it.
+
+A stored entry is `orjson(header) + b"\\n" + body`, so a hit returns the body
+bytes exactly as they were rendered, without parsing or re-serializing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+import orjson
+
+Freshness = Literal["fresh", "stale", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ttl:
+    fresh: float
+    stale: float
+
+    @property
+    def expire_ms(self) -> int:
+        return max(1, int((self.fresh + self.stale) * 1000))
+
+
+def ttl_for(
+    end: datetime, now: datetime, *, lateness_seconds: float, fresh: float, stale: float, closed_fresh: float
+) -> Ttl:
+    """Immutable (closed) ranges: long fresh, no stale phase. Open ranges: short fresh + stale."""
+    if end <= now - timedelta(seconds=lateness_seconds):
+        return Ttl(fresh=closed_fresh, stale=0.0)
+    return Ttl(fresh=fresh, stale=stale)
+
+
+# Bump when the rendered bytes change shape, so a rolling deploy never serves old-format bodies.
+FORMAT_VERSION = 1
+
+
+def cache_key(prefix: str, identity: bytes) -> str:
+    return f"{prefix}q{FORMAT_VERSION}:{hashlib.sha256(identity).hexdigest()[:40]}"
+
+
+def lock_key(key: str) -> str:
+    return f"{key}:lock"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A rendered response and what is needed to serve it again: validators, age, paging."""
+
+    body: bytes
+    media_type: str
+    etag: str
+    computed_at: float  # epoch seconds: Age is shared across processes, so wall clock
+    next_cursor: str | None
+    rows: int
+    ttl: Ttl
+
+    def age(self, now: float) -> float:
+        return max(0.0, now - self.computed_at)
+
+    def freshness(self, now: float) -> Freshness:
+        age = self.age(now)
+        if age < self.ttl.fresh:
+            return "fresh"
+        if age < self.ttl.fresh + self.ttl.stale:
+            return "stale"
+        return "expired"
+
+
+def pack(entry: Entry) -> bytes:
+    header = {
+        "ct": entry.media_type,
+        "etag": entry.etag,
+        "t": entry.computed_at,
+        "nc": entry.next_cursor,
+        "rows": entry.rows,
+        "fresh": entry.ttl.fresh,
+        "stale": entry.ttl.stale,
+    }
+    return orjson.dumps(header) + b"\n" + entry.body
+
+
+def unpack(raw: bytes) -> Entry | None:
+    """The stored entry, or None for anything unreadable (treated as a miss, never an error)."""
+    head, sep, body = raw.partition(b"\n")
+    if not sep:
+        return None
+    try:
+        h = orjson.loads(head)
+        return Entry(
+            body=body,
+            media_type=str(h["ct"]),
+            etag=str(h["etag"]),
+            computed_at=float(h["t"]),
+            next_cursor=h["nc"],
+            rows=int(h["rows"]),
+            ttl=Ttl(float(h["fresh"]), float(h["stale"])),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def etag_for(body: bytes) -> str:
+    """A strong validator: the hash of the exact bytes served."""
+    return f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 If-None-Match: weak comparison over a list, or `*`."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    wanted = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == wanted for tag in if_none_match.split(","))
+
+
+def forces_refresh(cache_control: str | None) -> bool:
+    """A request `Cache-Control: no-cache` asks for an answer not served from cache."""
+    if not cache_control:
+        return False
+    return any(d.strip().split("=")[0].lower() == "no-cache" for d in cache_control.split(","))

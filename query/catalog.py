@@ -1,0 +1,53 @@
+"""The rollups this process serves: specs, their SQLAlchemy tables and their public description. Pure.
+
+Built once per app from the settings' rollups file, so each query looks its
+rollup up in a dict instead of rebuilding table metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import MetaData, Table
+
+from core.problems import NotFound
+from schemas.api import DimensionInfo, MeasureInfo, RollupInfo, RollupList
+from schemas.rollups import GRANULARITIES, RollupSpec, granularity_rank
+from schemas.tables import rollup_table
+
+MERGE = {"count": "sum", "sum": "sum", "min": "min", "max": "max"}
+
+
+@dataclass(frozen=True, slots=True)
+class Rollup:
+    spec: RollupSpec
+    table: Table
+
+
+class Catalog:
+    def __init__(self, specs: Iterable[RollupSpec]) -> None:
+        metadata = MetaData()
+        self._rollups = {s.name: Rollup(s, rollup_table(s, metadata)) for s in specs}
+
+    def get(self, name: str) -> Rollup:
+        try:
+            return self._rollups[name]
+        except KeyError:
+            shown = name if len(name) <= 64 else name[:61] + "..."
+            raise NotFound(f"no rollup named {shown!r}; GET /v1/rollups lists them") from None
+
+    def describe(self) -> RollupList:
+        return RollupList(data=[describe(r.spec) for r in self._rollups.values()])
+
+
+def describe(spec: RollupSpec) -> RollupInfo:
+    return RollupInfo(
+        name=spec.name,
+        table=spec.table,
+        granularity=spec.granularity,
+        granularities=[g for g in GRANULARITIES if granularity_rank(g) >= granularity_rank(spec.granularity)],
+        dimensions=[DimensionInfo(name=d.column, path=d.path) for d in spec.dimensions],
+        measures=[MeasureInfo(name=m.column, op=m.op, path=m.path, merge=MERGE[m.op]) for m in spec.measures],
+        where={k: list(v) for k, v in spec.where.items()},
+    )

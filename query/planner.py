@@ -1,0 +1,119 @@
+"""Turn a validated `RollupQuery` into one SQLAlchemy Core SELECT. Pure.
+
+Shape: `SELECT <fields> FROM (<grouped>) AS sub [WHERE <after cursor>]
+ORDER BY <total order> LIMIT n+1 [OFFSET k]`, where `<grouped>` re-buckets with
+`date_trunc(<granularity>, bucket, 'UTC')` and merges measures exactly
+(count and sum by sum, min by min, max by max). The keyset predicate is applied
+to the grouped subquery because it compares merged measures, not stored rows.
+
+NULLs (nullable sum/min/max) sort last in both directions, and the predicate
+says so explicitly, so a cursor walk visits every row exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, DateTime, Numeric, Select, Table, and_, false, func, literal_column, or_, select
+from sqlalchemy.sql.expression import FromClause
+
+from query.cursor import Kind, Value
+from query.params import OrderItem, RollupQuery
+from schemas.rollups import GRANULARITIES, RollupSpec
+
+_MERGE: dict[str, Callable[..., ColumnElement[object]]] = {
+    "count": func.sum,
+    "sum": func.sum,
+    "min": func.min,
+    "max": func.max,
+}
+
+
+def order_kinds(spec: RollupSpec, order: Sequence[OrderItem]) -> tuple[Kind, ...]:
+    """How each order column's cursor value is typed."""
+
+    def kind(column: str) -> Kind:
+        if column == "bucket":
+            return "time"
+        return "text" if column in spec.dimension_columns else "number"
+
+    return tuple(kind(o.column) for o in order)
+
+
+def nullable(spec: RollupSpec, column: str) -> bool:
+    """Only merged sum/min/max can be NULL (every contributing value missing)."""
+    return column in spec.measure_columns and spec.measure(column).op != "count"
+
+
+def bucket_expr(spec: RollupSpec, table: Table, granularity: str) -> ColumnElement[object]:
+    if granularity == spec.granularity:
+        return table.c.bucket
+    if granularity not in GRANULARITIES:  # validated upstream; a literal must never be client text
+        raise ValueError(f"unknown granularity {granularity!r}")
+    # Literals, not bind parameters: SELECT and GROUP BY must be the same expression to Postgres.
+    return func.date_trunc(
+        literal_column(f"'{granularity}'"),
+        table.c.bucket,
+        literal_column("'UTC'"),
+        type_=DateTime(timezone=True),
+    )
+
+
+def grouped(spec: RollupSpec, table: Table, q: RollupQuery) -> Select[*tuple[Any, ...]]:
+    columns: list[ColumnElement[object]] = []
+    keys: list[ColumnElement[object]] = []
+    for name in q.group:
+        expr = bucket_expr(spec, table, q.granularity) if name == "bucket" else table.c[name]
+        keys.append(expr)
+        columns.append(expr.label(name))
+    for name in q.measures:
+        merge = _MERGE[spec.measure(name).op]
+        columns.append(merge(table.c[name], type_=Numeric()).label(name))
+    conditions = [table.c.bucket >= q.range.start, table.c.bucket < q.range.end]
+    conditions += [table.c[dim].in_(values) for dim, values in q.filters]
+    stmt = select(*columns).where(*conditions)
+    if keys:
+        return stmt.group_by(*keys)
+    # Totals without a group key: an empty range is no row, not one row of NULLs.
+    return stmt.having(func.count() > 0)
+
+
+def _same(column: ColumnElement[object], value: Value) -> ColumnElement[bool]:
+    return column.is_(None) if value is None else column == value
+
+
+def _beyond(
+    column: ColumnElement[object], item: OrderItem, value: Value, can_be_null: bool
+) -> ColumnElement[bool] | None:
+    if value is None:
+        return None  # NULLs sort last: nothing in this column comes after a NULL
+    strictly = column < value if item.descending else column > value
+    return or_(strictly, column.is_(None)) if can_be_null else strictly
+
+
+def after(
+    spec: RollupSpec, sub: FromClause, order: Sequence[OrderItem], values: Sequence[Value]
+) -> ColumnElement[bool]:
+    """Rows strictly after `values` in `order`: OR over i of (equal on 0..i-1 AND beyond on i)."""
+    disjuncts: list[ColumnElement[bool]] = []
+    for i, item in enumerate(order):
+        beyond = _beyond(sub.c[item.column], item, values[i], nullable(spec, item.column))
+        if beyond is None:
+            continue
+        prefix = [_same(sub.c[o.column], v) for o, v in zip(order[:i], values[:i], strict=True)]
+        disjuncts.append(and_(*prefix, beyond))
+    return or_(*disjuncts) if disjuncts else false()
+
+
+def plan(
+    spec: RollupSpec, table: Table, q: RollupQuery, cursor: Sequence[Value] | None = None
+) -> Select[*tuple[Any, ...]]:
+    """The page query; it fetches `limit + 1` rows so the caller knows whether a next page exists."""
+    sub = grouped(spec, table, q).subquery("sub")
+    stmt = select(*(sub.c[f] for f in q.fields))
+    if cursor is not None:
+        stmt = stmt.where(after(spec, sub, q.order, cursor))
+    ordering = [(sub.c[o.column].desc() if o.descending else sub.c[o.column].asc()).nulls_last() for o in q.order]
+    stmt = stmt.order_by(*ordering).limit(q.limit + 1)
+    return stmt.offset(q.offset) if q.offset else stmt

@@ -1,0 +1,209 @@
+"""HTTP routes of the query API: list rollups, query one through the cache, report lag.
+
+Parameters are declared here for OpenAPI (each with a description and an
+example); validation happens in `query.params` over the raw query string, which
+is also how unknown parameters and `filter[<dimension>]` are seen.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Request
+from starlette.responses import Response
+
+from core import metrics
+from query.cache import Outcome, Reason
+from query.cache_policy import Entry, cache_key, etag_matches, forces_refresh, ttl_for
+from query.cursor import decode
+from query.params import parse_query
+from query.planner import order_kinds
+from query.service import run_query
+from query.state import state
+from schemas.api import LagReport, Problem, QueryResult, RollupList
+
+router = APIRouter()
+
+X_CACHE: dict[Outcome, str] = {"hit": "hit", "stale": "stale", "miss": "miss", "coalesced": "miss", "bypass": "bypass"}
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "Invalid parameter; `detail` names it."},
+    404: {"model": Problem, "description": "No such rollup."},
+    503: {"model": Problem, "description": "Postgres unreachable or the query timed out."},
+}
+_FILTER_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "filter",
+            "in": "query",
+            "style": "deepObject",
+            "explode": True,
+            "required": False,
+            "description": "`filter[<dimension>]=a,b`: keep rows whose dimension is one of the comma-separated "
+            "values (an empty value matches a missing dimension). Repeatable for several dimensions.",
+            "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+            "example": {"type": "purchase,page_view"},
+        }
+    ],
+}
+
+
+def _q(description: str, example: object, **kwargs: Any) -> Any:
+    return Query(
+        description=description, examples=[example], openapi_examples={"example": {"value": example}}, **kwargs
+    )
+
+
+@router.get("/v1/rollups", response_model=RollupList, tags=["rollups"], summary="List rollups")
+async def list_rollups(request: Request) -> RollupList:
+    """Every rollup with its dimensions, measures (and how they merge), granularities and `where`."""
+    return state(request)["catalog"].describe()
+
+
+@router.get(
+    "/v1/rollups/{name}",
+    tags=["rollups"],
+    summary="Query a rollup",
+    response_model=QueryResult,
+    responses={
+        200: {
+            "description": "Rows (`format=json`), columns (`format=columns`) or CSV (`format=csv`).",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        },
+        304: {"description": "Not modified (`If-None-Match` matched the `ETag`)."},
+        **_PROBLEMS,
+    },
+    openapi_extra=_FILTER_DOC,
+)
+async def query_rollup(
+    request: Request,
+    name: Annotated[
+        str,
+        Path(
+            description="Rollup name, from `GET /v1/rollups`.",
+            examples=["events_by_type"],
+            openapi_examples={"example": {"value": "events_by_type"}},
+        ),
+    ],
+    from_: Annotated[
+        str | None,
+        _q(
+            "Start (inclusive), floored to the granularity in UTC: ISO 8601 with an offset, `now`, or relative "
+            "(`-24h`, `-30m`, `-7d`, `-2w`). Default `-24h`.",
+            "-24h",
+            alias="from",
+        ),
+    ] = None,
+    to: Annotated[
+        str | None, _q("End (exclusive), ceiled to the granularity in UTC; same forms as `from`. Default `now`.", "now")
+    ] = None,
+    granularity: Annotated[
+        Literal["minute", "hour", "day", "week", "month"] | None,
+        _q(
+            "Bucket size; not finer than the rollup's table. Weeks start on Monday (ISO); months are calendar "
+            "months. Default: the table's granularity.",
+            "hour",
+        ),
+    ] = None,
+    fields: Annotated[
+        str | None,
+        _q(
+            "Comma-separated columns to return: `bucket`, dimensions, measures. Only these are selected and "
+            "grouped; without `bucket` the result is totals over the range. Default: all.",
+            "bucket,type,count,sum_properties_amount",
+        ),
+    ] = None,
+    order: Annotated[
+        str | None,
+        _q(
+            "Comma-separated selected columns, `-` for descending; NULLs sort last. The remaining group columns "
+            "are appended as tie-breakers. Default: the group columns ascending, bucket first.",
+            "-count,bucket",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        _q("Page size, 1 to the server's maximum (TALLY_MAX_LIMIT, default 10000). Default TALLY_DEFAULT_LIMIT.", 100),
+    ] = None,
+    cursor: Annotated[
+        str | None,
+        _q(
+            "The `next_cursor` of the previous page, with the same other parameters (signed; a modified cursor or "
+            "one from another query is a 400).",
+            "eyJrIjpbIjIwMjYtMTEtMjVUMTM6MDA6MDBaIl19.c2ln",
+        ),
+    ] = None,
+    offset: Annotated[
+        int | None, _q("Rows to skip (LIMIT/OFFSET compatibility, at most TALLY_MAX_OFFSET); not with `cursor`.", 0)
+    ] = None,
+    format: Annotated[
+        Literal["json", "columns", "csv"] | None,
+        _q(
+            "`json` (rows as objects), `columns` (an array per column) or `csv` (next cursor in `X-Next-Cursor`).",
+            "json",
+        ),
+    ] = None,
+) -> Response:
+    """Aggregates of one rollup, re-bucketed exactly and served through the Redis cache.
+
+    Headers: `X-Cache: hit|stale|miss|bypass`, `Age`, `ETag` (send `If-None-Match` for a 304);
+    `Cache-Control: no-cache` on the request forces a fresh read.
+    """
+    st = state(request)
+    settings = st["settings"]
+    started = time.perf_counter()
+    rollup = st["catalog"].get(name)
+    now = datetime.now(UTC)
+    q = parse_query(rollup.spec, request.query_params.multi_items(), st["limits"], now)
+    after = None
+    if q.cursor is not None:
+        position = decode(q.cursor, q.fingerprint(), order_kinds(rollup.spec, q.order), settings.cursor_secret)
+        q, after = q.with_range(position.range), position.values
+    ttl = ttl_for(
+        q.range.end,
+        now,
+        lateness_seconds=settings.lateness_seconds,
+        fresh=settings.cache_fresh_seconds,
+        stale=settings.cache_stale_seconds,
+        closed_fresh=settings.cache_closed_fresh_seconds,
+    )
+
+    async def compute(reason: Reason) -> Entry:
+        return await run_query(st["engine"], rollup, q, after, secret=settings.cursor_secret, ttl=ttl, reason=reason)
+
+    key = cache_key(settings.cache_prefix, q.identity())
+    entry, outcome = await st["cache"].fetch(key, compute, force=forces_refresh(request.headers.get("cache-control")))
+    metrics.cache_outcomes.labels(outcome).inc()
+    metrics.query_seconds.labels(q.rollup, outcome).observe(time.perf_counter() - started)
+    metrics.query_rows.labels(q.rollup).inc(entry.rows)
+    return _respond(request, entry, outcome, q.format, q.rollup)
+
+
+def _respond(request: Request, entry: Entry, outcome: Outcome, fmt: str, rollup: str) -> Response:
+    age = entry.age(time.time())
+    headers = {
+        "X-Cache": X_CACHE[outcome],
+        "Age": str(int(age)),
+        "ETag": entry.etag,
+        "Cache-Control": f"private, max-age={max(0, int(entry.ttl.fresh - age))}",
+    }
+    if entry.next_cursor is not None:
+        headers["X-Next-Cursor"] = entry.next_cursor
+    if etag_matches(request.headers.get("if-none-match"), entry.etag):
+        return Response(status_code=304, headers=headers)
+    if fmt == "csv":
+        headers["Content-Disposition"] = f'attachment; filename="{rollup}.csv"'  # rollup names are [a-z0-9_]
+    return Response(entry.body, media_type=entry.media_type, headers=headers)
+
+
+@router.get(
+    "/v1/ops/lag",
+    response_model=LagReport,
+    tags=["ops"],
+    summary="Consumer lag per partition",
+    responses={503: {"model": Problem, "description": "Kafka or Postgres unreachable."}},
+)
+async def lag(request: Request) -> LagReport:
+    """End offset, stored offset, lag in records and in seconds (age of the oldest unapplied record)."""
+    return await state(request)["lag"].report()
