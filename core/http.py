@@ -61,8 +61,13 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def ops_router(readiness: ReadinessCheck) -> APIRouter:
-    """`/healthz` (alive), `/readyz` (dependencies reachable, false while draining), `/metrics`."""
+def ops_router(readiness: ReadinessCheck, *, gating: frozenset[str] | None = None) -> APIRouter:
+    """`/healthz` (alive), `/readyz` (dependencies reachable, false while draining), `/metrics`.
+
+    Every check is reported, but only the `gating` ones (default: all) make the
+    process unready: a query replica that still answers from Postgres while Redis
+    is down must stay in the load balancer, only marked degraded.
+    """
     router = APIRouter(tags=["ops"])
 
     @router.get("/healthz", summary="Liveness")
@@ -73,8 +78,10 @@ def ops_router(readiness: ReadinessCheck) -> APIRouter:
     async def readyz(request: Request) -> Response:
         checks = await readiness(request)
         draining = bool(getattr(request.app.state, "draining", False))
-        ready = all(checks.values()) and not draining
-        body = {"ready": ready, "draining": draining, "checks": checks}
+        required = checks.keys() if gating is None else gating
+        ready = all(checks.get(name, False) for name in required) and not draining
+        degraded = sorted(name for name, ok in checks.items() if not ok)
+        body = {"ready": ready, "draining": draining, "checks": checks, "degraded": degraded}
         return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
 
     @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
