@@ -1,0 +1,78 @@
+"""Step 4: apply one prepared batch in ONE Postgres transaction, or refuse it if fenced.
+
+The transaction first moves each partition's stored offset from the batch's start
+to its end, but only if the stored offset is still the batch's start. If any
+partition's row did not match, another consumer has applied those records (we
+are a zombie after a rebalance): everything rolls back and the caller re-reads
+the stored offsets. Only then are the rollup rows upserted, so the counts and
+the offsets always move together: the exactly-once effect of DESIGN §5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from consumers.aggregate import RollupPlan
+from consumers.batch import PreparedBatch
+from consumers.retry import postgres_transient, retrying
+from consumers.sql import ADVANCE_OFFSET, Upsert, upsert
+from core import metrics
+
+log = logging.getLogger(__name__)
+
+
+class _Fenced(Exception):
+    """Raised inside the transaction so that it rolls back."""
+
+
+class Flusher:
+    """Writes prepared batches for one consumer group."""
+
+    def __init__(self, engine: AsyncEngine, group_id: str, plans: Sequence[RollupPlan]) -> None:
+        self.engine = engine
+        self.group_id = group_id
+        self.upserts: tuple[Upsert, ...] = tuple(upsert(p) for p in plans)
+
+    async def apply(self, batch: PreparedBatch) -> bool:
+        """One attempt: True if committed, False if fenced (rolled back, nothing changed)."""
+        try:
+            async with self.engine.begin() as conn:
+                for adv in sorted(batch.advances, key=lambda a: (a.topic, a.partition)):
+                    result = await conn.execute(ADVANCE_OFFSET, {
+                        "group_id": self.group_id, "topic": adv.topic, "partition": adv.partition,
+                        "expected": adv.expected, "new": adv.new,
+                    })
+                    if result.rowcount != 1:
+                        raise _Fenced
+                for up in self.upserts:
+                    cells = batch.aggregates.get(up.plan.name)
+                    if cells:
+                        await conn.execute(up.statement, up.params(cells))
+        except _Fenced:
+            return False
+        return True
+
+    async def flush(self, batch: PreparedBatch, *, stop: asyncio.Event | None = None) -> bool:
+        """Apply `batch`, retrying through restarts and deadlocks; False if fenced.
+
+        A retry after a commit whose acknowledgement was lost is safe: the stored
+        offsets have moved, so the retry is fenced and applies nothing.
+        """
+        started = time.perf_counter()
+        applied = await retrying(lambda: self.apply(batch), what="flush", transient=postgres_transient, stop=stop)
+        if not applied:
+            metrics.consumer_fenced.inc()
+            log.warning("batch fenced: stored offsets moved for %s",
+                        ", ".join(f"{a.topic}[{a.partition}]@{a.expected}" for a in batch.advances))
+            return False
+        metrics.consumer_batch_seconds.observe(time.perf_counter() - started)
+        for up in self.upserts:
+            rows = len(batch.aggregates.get(up.plan.name, ()))
+            if rows:
+                metrics.consumer_rows_upserted.labels(up.plan.name).inc(rows)
+        return True
