@@ -26,10 +26,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from typing import Any, Final
 
-import orjson
-
 from schemas.events import lookup
-from schemas.rollups import GRANULARITY_MS, RollupSpec
+from schemas.rollups import GRANULARITY_MS, RollupSpec, dimension_text
 
 # Wide enough that adding any two JSON numbers is exact.
 EXACT: Final = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
@@ -47,17 +45,7 @@ _COUNT, _SUM, _MIN, _MAX = 0, 1, 2, 3
 _OPS: Final = {"count": _COUNT, "sum": _SUM, "min": _MIN, "max": _MAX}
 
 
-def stringify(value: Any) -> str:
-    """The text a dimension or `where` value is stored and compared as."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd") if "\x00" in value else value
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    return orjson.dumps(value).decode()
+stringify = dimension_text  # the contract's rule, shared with the rollup spec parser
 
 
 def fit(text: str, max_bytes: int) -> str:

@@ -17,7 +17,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from consumers.decode import DeadLetter
 from consumers.retry import kafka_transient, retrying
-from core import metrics
+from core import kafka, metrics
 from core.kafka import MAX_RECORD_BYTES
 from core.settings import Settings
 
@@ -27,17 +27,7 @@ _TRUNCATED_BYTES = MAX_RECORD_BYTES - 64 * 1024  # room for key and headers
 
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:
-    return AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
-        enable_idempotence=settings.kafka_idempotence,
-        compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
-        linger_ms=settings.producer_linger_ms,
-        max_request_size=MAX_RECORD_BYTES,
-        max_batch_size=MAX_RECORD_BYTES,
-        request_timeout_ms=int(settings.produce_timeout_seconds * 1000),
-        client_id="tally-consumer-dlq",
-    )
+    return kafka.producer(settings, client_id="tally-consumer-dlq")
 
 
 class DeadLetterSink:

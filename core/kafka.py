@@ -19,7 +19,7 @@ from core.settings import Settings
 MAX_RECORD_BYTES = 2 * 1024 * 1024
 
 
-def producer(settings: Settings) -> AIOKafkaProducer:
+def producer(settings: Settings, *, client_id: str = "tally-ingest") -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
@@ -29,7 +29,7 @@ def producer(settings: Settings) -> AIOKafkaProducer:
         max_request_size=MAX_RECORD_BYTES,
         max_batch_size=MAX_RECORD_BYTES,
         request_timeout_ms=int(settings.produce_timeout_seconds * 1000),
-        client_id="tally-ingest",
+        client_id=client_id,
     )
 
 

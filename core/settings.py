@@ -114,6 +114,9 @@ class Settings(BaseSettings):
         missing = [f"TALLY_{n.upper()}" for n in names if getattr(self, n) is None]
         if missing:
             raise SettingsError(f"set {', '.join(missing)} (or run `tally dev` for an embedded stack)")
+
+    def require_secrets(self) -> None:
+        """Refuse the dev cursor secret outside dev and test (a known key signs forged cursors)."""
         if self.env == "prod" and self.cursor_secret == DEV_CURSOR_SECRET:
             raise SettingsError("set TALLY_CURSOR_SECRET: the default is only for env=dev or test")
 

@@ -34,6 +34,7 @@ async def readiness(request: Request) -> dict[str, bool]:
 
 def create_app(settings: Settings) -> FastAPI:
     settings.require(*REQUIRED)
+    settings.require_secrets()
     catalog = Catalog(settings.rollups)  # a broken rollups file fails here, before serving
     limits = Limits(default_limit=settings.default_limit, max_limit=settings.max_limit, max_offset=settings.max_offset)
 

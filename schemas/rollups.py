@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+
 Granularity = Literal["minute", "hour", "day", "week", "month"]
 GRANULARITIES: tuple[Granularity, ...] = ("minute", "hour", "day", "week", "month")
 # Tables may only be stored at fixed-width buckets; week and month are query-time only.
@@ -29,6 +31,24 @@ _PATH_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 
 class RollupSpecError(ValueError):
     """A rollups file that cannot be used as written."""
+
+
+def dimension_text(value: Any) -> str:
+    """The text a dimension or `where` value is stored and compared as.
+
+    Missing is '' (so it can be part of the primary key), strings as they are
+    (NUL, which Postgres text cannot hold, becomes U+FFFD), booleans true/false,
+    anything else compact JSON.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return orjson.dumps(value).decode()
 
 
 def granularity_rank(g: str) -> int:
@@ -152,7 +172,7 @@ def parse_rollup(raw: Mapping[str, Any]) -> RollupSpec:
     for path, values in where_raw.items():
         _check_path(path, "where path", name)
         vals = values if isinstance(values, list) else [values]
-        where[path] = tuple(str(v) for v in vals)
+        where[path] = tuple(dimension_text(v) for v in vals)
     spec = RollupSpec(name, granularity, dimensions, measures, where)
     columns = ["bucket", *spec.dimension_columns, *spec.measure_columns]
     duplicates = sorted({c for c in columns if columns.count(c) > 1})
