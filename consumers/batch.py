@@ -41,8 +41,9 @@ class PreparedBatch:
     unknown: list[TP] = field(default_factory=list)  # partitions polled before their offset was loaded
 
 
-def prepare(polled: Mapping[Any, Sequence[Record]], expected: Mapping[Any, int],
-            plans: Sequence[RollupPlan]) -> PreparedBatch:
+def prepare(
+    polled: Mapping[Any, Sequence[Record]], expected: Mapping[Any, int], plans: Sequence[RollupPlan]
+) -> PreparedBatch:
     """Everything one Postgres transaction needs for this poll."""
     batch = PreparedBatch()
     events: list[dict[str, Any]] = []

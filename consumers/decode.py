@@ -50,8 +50,9 @@ class DeadLetter:
     reason: str
 
 
-def dead_letter(record: Record, value: bytes | None, reason: str, error: str,
-                headers: Sequence[tuple[str, bytes]] | None = None) -> DeadLetter:
+def dead_letter(
+    record: Record, value: bytes | None, reason: str, error: str, headers: Sequence[tuple[str, bytes]] | None = None
+) -> DeadLetter:
     """A dead letter for `record` (or for one event of it, when `value` is a new envelope)."""
     kept = [(k, v) for k, v in (record.headers if headers is None else headers) if k not in _OUR_HEADERS]
     kept += [

@@ -43,10 +43,16 @@ class Flusher:
         try:
             async with self.engine.begin() as conn:
                 for adv in sorted(batch.advances, key=lambda a: (a.topic, a.partition)):
-                    result = await conn.execute(ADVANCE_OFFSET, {
-                        "group_id": self.group_id, "topic": adv.topic, "partition": adv.partition,
-                        "expected": adv.expected, "new": adv.new,
-                    })
+                    result = await conn.execute(
+                        ADVANCE_OFFSET,
+                        {
+                            "group_id": self.group_id,
+                            "topic": adv.topic,
+                            "partition": adv.partition,
+                            "expected": adv.expected,
+                            "new": adv.new,
+                        },
+                    )
                     if result.rowcount != 1:
                         raise _Fenced
                 for up in self.upserts:
@@ -67,8 +73,10 @@ class Flusher:
         applied = await retrying(lambda: self.apply(batch), what="flush", transient=postgres_transient, stop=stop)
         if not applied:
             metrics.consumer_fenced.inc()
-            log.warning("batch fenced: stored offsets moved for %s",
-                        ", ".join(f"{a.topic}[{a.partition}]@{a.expected}" for a in batch.advances))
+            log.warning(
+                "batch fenced: stored offsets moved for %s",
+                ", ".join(f"{a.topic}[{a.partition}]@{a.expected}" for a in batch.advances),
+            )
             return False
         metrics.consumer_batch_seconds.observe(time.perf_counter() - started)
         for up in self.upserts:

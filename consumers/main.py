@@ -40,18 +40,30 @@ async def wait_for_tables(engine: AsyncEngine, plans: Sequence[RollupPlan], stop
 
     async def check() -> None:
         async with engine.connect() as conn:
-            found = (await conn.execute(text("SELECT to_regclass(t) FROM unnest(CAST(:names AS text[])) AS t"),
-                                        {"names": names})).scalars().all()
+            found = (
+                (
+                    await conn.execute(
+                        text("SELECT to_regclass(t) FROM unnest(CAST(:names AS text[])) AS t"), {"names": names}
+                    )
+                )
+                .scalars()
+                .all()
+            )
         missing = [n for n, f in zip(names, found, strict=True) if f is None]
         if missing:
             raise NotMigrated(f"missing tables {', '.join(missing)}: run `tally migrate`")
 
-    await retrying(check, what="wait for Postgres",
-                   transient=lambda e: isinstance(e, NotMigrated) or postgres_transient(e), stop=stop)
+    await retrying(
+        check,
+        what="wait for Postgres",
+        transient=lambda e: isinstance(e, NotMigrated) or postgres_transient(e),
+        stop=stop,
+    )
 
 
-async def start_consumer(settings: Settings, engine: AsyncEngine, dlq: DeadLetterSink,
-                         plans: Sequence[RollupPlan], stop: asyncio.Event) -> Runner:
+async def start_consumer(
+    settings: Settings, engine: AsyncEngine, dlq: DeadLetterSink, plans: Sequence[RollupPlan], stop: asyncio.Event
+) -> Runner:
     """Join the group (retrying until Kafka answers), with offsets taken from Postgres on assignment."""
 
     async def attempt() -> Runner:
@@ -114,8 +126,13 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             await dlq.start(stop=stop)
             runner = await start_consumer(settings, engine, dlq, plans, stop)
             health.consumer = runner.consumer
-            log.info("consuming %s as group %s; metrics on %s:%d", settings.topic, settings.consumer_group,
-                     settings.bind_host, settings.consumer_metrics_port)
+            log.info(
+                "consuming %s as group %s; metrics on %s:%d",
+                settings.topic,
+                settings.consumer_group,
+                settings.bind_host,
+                settings.consumer_metrics_port,
+            )
             await consume(runner, stop)
         except Stopped as exc:
             log.warning("stopped before the work in hand was done (nothing of it committed): %s", exc)

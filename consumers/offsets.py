@@ -36,9 +36,11 @@ async def read_offsets(engine: AsyncEngine, group_id: str, tps: Iterable[TP]) ->
     return out
 
 
-async def load_offsets(engine: AsyncEngine, group_id: str, tps: Iterable[TP],
-                       *, stop: asyncio.Event | None = None) -> dict[TP, int]:
+async def load_offsets(
+    engine: AsyncEngine, group_id: str, tps: Iterable[TP], *, stop: asyncio.Event | None = None
+) -> dict[TP, int]:
     """`read_offsets`, retried until Postgres answers (or a stop gives up with `Stopped`)."""
     wanted = list(tps)
-    return await retrying(lambda: read_offsets(engine, group_id, wanted), what="load offsets",
-                          transient=postgres_transient, stop=stop)
+    return await retrying(
+        lambda: read_offsets(engine, group_id, wanted), what="load offsets", transient=postgres_transient, stop=stop
+    )

@@ -100,7 +100,13 @@ async def retrying(
                 stop_seen = stop_seen or time.monotonic()
                 if time.monotonic() - stop_seen >= STOP_GRACE:
                     raise Stopped(f"{what}: gave up on stop after {attempt} attempts") from exc
-            log.warning("%s failed (attempt %d: %s: %s); retrying in %.1f s",
-                        what, attempt, type(exc).__name__, str(exc)[:200], delay)
+            log.warning(
+                "%s failed (attempt %d: %s: %s); retrying in %.1f s",
+                what,
+                attempt,
+                type(exc).__name__,
+                str(exc)[:200],
+                delay,
+            )
             await wait_or_stop(None if stop_seen else stop, jittered(delay))
             delay = min(delay * 2, MAX_DELAY)

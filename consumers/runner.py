@@ -38,8 +38,15 @@ def _tp(tp: Any) -> TP:
 class Runner:
     """One consumer's state (stored offsets of its partitions) and its poll/apply step."""
 
-    def __init__(self, settings: Settings, consumer: AIOKafkaConsumer, engine: AsyncEngine,
-                 dlq: DeadLetterSink, plans: Sequence[RollupPlan], stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: AIOKafkaConsumer,
+        engine: AsyncEngine,
+        dlq: DeadLetterSink,
+        plans: Sequence[RollupPlan],
+        stop: asyncio.Event,
+    ) -> None:
         self.settings = settings
         self.consumer = consumer
         self.engine = engine
@@ -95,8 +102,9 @@ class Runner:
     async def step(self) -> None:
         """Poll once and apply what came back, all in one Postgres transaction."""
         async with self.lock:
-            polled = await self.consumer.getmany(timeout_ms=self.settings.batch_max_wait_ms,
-                                                 max_records=self.settings.batch_max_records)
+            polled = await self.consumer.getmany(
+                timeout_ms=self.settings.batch_max_wait_ms, max_records=self.settings.batch_max_records
+            )
             if polled:
                 await self._apply({_tp(tp): records for tp, records in polled.items()})
             self._observe_lag()
@@ -108,8 +116,9 @@ class Runner:
             log.info("records for partitions whose offset is not loaded yet: %s; seeking", batch.unknown)
             await self._resync(batch.unknown)
         for (topic, partition), (start, first) in batch.gaps.items():
-            log.warning("%s[%d]: offsets %d..%d are gone from the log (retention?); skipped",
-                        topic, partition, start, first - 1)
+            log.warning(
+                "%s[%d]: offsets %d..%d are gone from the log (retention?); skipped", topic, partition, start, first - 1
+            )
         if not batch.advances:
             return
         for tp, timestamp in batch.first_timestamp_ms.items():

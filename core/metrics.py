@@ -23,51 +23,58 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 # HTTP (every service)
 http_requests = Counter("tally_http_requests_total", "HTTP requests", ["service", "route", "method", "status"])
-http_latency = Histogram("tally_http_request_seconds", "HTTP request latency", ["service", "route"],
-                         buckets=_LATENCY)
-http_in_progress = Gauge("tally_http_in_progress", "Requests being served", ["service"],
-                         multiprocess_mode="livesum")
+http_latency = Histogram("tally_http_request_seconds", "HTTP request latency", ["service", "route"], buckets=_LATENCY)
+http_in_progress = Gauge("tally_http_in_progress", "Requests being served", ["service"], multiprocess_mode="livesum")
 
 # Ingest
 events_accepted = Counter("tally_ingest_events_accepted_total", "Events durable in Kafka")
 events_rejected = Counter("tally_ingest_events_rejected_total", "Events refused, by reason", ["reason"])
-backpressure_rejections = Counter("tally_ingest_backpressure_total", "Requests refused by backpressure",
-                                  ["cause"])
-inflight_bytes = Gauge("tally_ingest_inflight_bytes", "Bytes sent to Kafka and not yet acknowledged",
-                       multiprocess_mode="livesum")
-produce_latency = Histogram("tally_kafka_produce_seconds", "Time from send to broker ack for one batch",
-                            buckets=_LATENCY)
+backpressure_rejections = Counter("tally_ingest_backpressure_total", "Requests refused by backpressure", ["cause"])
+inflight_bytes = Gauge(
+    "tally_ingest_inflight_bytes", "Bytes sent to Kafka and not yet acknowledged", multiprocess_mode="livesum"
+)
+produce_latency = Histogram(
+    "tally_kafka_produce_seconds", "Time from send to broker ack for one batch", buckets=_LATENCY
+)
 records_produced = Counter("tally_kafka_records_produced_total", "Envelope records acknowledged")
 
 # Consumer
-consumer_lag_records = Gauge("tally_consumer_lag_records", "Records behind the log end",
-                             ["topic", "partition"], multiprocess_mode="max")
-consumer_lag_seconds = Gauge("tally_consumer_lag_seconds", "Age of the oldest unapplied record",
-                             ["topic", "partition"], multiprocess_mode="max")
-consumer_batch_records = Histogram("tally_consumer_batch_events", "Events per applied batch",
-                                   buckets=(1, 10, 100, 1_000, 10_000, 100_000, 1_000_000))
-consumer_batch_seconds = Histogram("tally_consumer_batch_seconds", "Time to apply one batch to Postgres",
-                                   buckets=_LATENCY)
+consumer_lag_records = Gauge(
+    "tally_consumer_lag_records", "Records behind the log end", ["topic", "partition"], multiprocess_mode="max"
+)
+consumer_lag_seconds = Gauge(
+    "tally_consumer_lag_seconds", "Age of the oldest unapplied record", ["topic", "partition"], multiprocess_mode="max"
+)
+consumer_batch_records = Histogram(
+    "tally_consumer_batch_events", "Events per applied batch", buckets=(1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+)
+consumer_batch_seconds = Histogram(
+    "tally_consumer_batch_seconds", "Time to apply one batch to Postgres", buckets=_LATENCY
+)
 consumer_events_applied = Counter("tally_consumer_events_applied_total", "Events counted into rollups")
 consumer_rows_upserted = Counter("tally_consumer_rows_upserted_total", "Rollup rows upserted", ["rollup"])
 consumer_fenced = Counter("tally_consumer_fenced_total", "Batches refused because the stored offset moved")
 consumer_rebalances = Counter("tally_consumer_rebalances_total", "Partition assignments received")
-dlq_records = Counter("tally_dlq_records_total", "Records or events sent to the dead-letter topic",
-                      ["reason"])
+dlq_records = Counter("tally_dlq_records_total", "Records or events sent to the dead-letter topic", ["reason"])
 
 # Query
 cache_outcomes = Counter("tally_query_cache_total", "Cache outcomes", ["outcome"])
 cache_refreshes = Counter("tally_query_cache_refreshes_total", "Background stale refreshes")
-query_seconds = Histogram("tally_query_seconds", "Query latency by rollup and cache outcome",
-                          ["rollup", "outcome"], buckets=_LATENCY)
+query_seconds = Histogram(
+    "tally_query_seconds", "Query latency by rollup and cache outcome", ["rollup", "outcome"], buckets=_LATENCY
+)
 query_rows = Counter("tally_query_rows_total", "Rows returned by queries", ["rollup"])
-query_computations = Counter("tally_query_computations_total",
-                             "Rollup queries run against Postgres (miss, background refresh, Redis bypass)",
-                             ["rollup", "reason"])
-lag_probe_seconds = Histogram("tally_query_lag_probe_seconds", "Time to measure lag for every partition",
-                              buckets=_LATENCY)
-db_pool_in_use = Gauge("tally_db_pool_connections_in_use", "Checked-out Postgres connections",
-                       ["service"], multiprocess_mode="livesum")
+query_computations = Counter(
+    "tally_query_computations_total",
+    "Rollup queries run against Postgres (miss, background refresh, Redis bypass)",
+    ["rollup", "reason"],
+)
+lag_probe_seconds = Histogram(
+    "tally_query_lag_probe_seconds", "Time to measure lag for every partition", buckets=_LATENCY
+)
+db_pool_in_use = Gauge(
+    "tally_db_pool_connections_in_use", "Checked-out Postgres connections", ["service"], multiprocess_mode="livesum"
+)
 
 
 def metrics_payload() -> tuple[bytes, str]:

@@ -90,26 +90,35 @@ def problem_response(
 async def _tally_error(request: Request, exc: Exception) -> Response:
     exc = cast(TallyError, exc)
     return problem_response(
-        exc.status, exc.title, exc.detail, slug=exc.slug, instance=request.url.path,
-        errors=exc.errors, headers=exc.headers,
+        exc.status,
+        exc.title,
+        exc.detail,
+        slug=exc.slug,
+        instance=request.url.path,
+        errors=exc.errors,
+        headers=exc.headers,
     )
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     exc = cast(RequestValidationError, exc)
-    errors = [
-        {"location": ".".join(str(p) for p in e.get("loc", ())), "error": e.get("msg", "")}
-        for e in exc.errors()
-    ]
+    errors = [{"location": ".".join(str(p) for p in e.get("loc", ())), "error": e.get("msg", "")} for e in exc.errors()]
     names = ", ".join(e["location"] for e in errors)
-    return problem_response(400, "Bad request", f"invalid parameter(s): {names}", slug="bad-request",
-                            instance=request.url.path, errors=errors)
+    return problem_response(
+        400,
+        "Bad request",
+        f"invalid parameter(s): {names}",
+        slug="bad-request",
+        instance=request.url.path,
+        errors=errors,
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     exc = cast(StarletteHTTPException, exc)
-    return problem_response(exc.status_code, str(exc.detail), None, instance=request.url.path,
-                            headers=dict(exc.headers or {}))
+    return problem_response(
+        exc.status_code, str(exc.detail), None, instance=request.url.path, headers=dict(exc.headers or {})
+    )
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:

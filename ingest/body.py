@@ -67,9 +67,7 @@ class BoundedBody:
             self._parts.append(data)
 
 
-async def read_body(
-    chunks: AsyncIterator[bytes], *, content_length: int | None, encoding: str, limit: int
-) -> bytes:
+async def read_body(chunks: AsyncIterator[bytes], *, content_length: int | None, encoding: str, limit: int) -> bytes:
     encoding = encoding.strip().lower()
     if encoding not in ("", "identity", "gzip", "x-gzip"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; use gzip or none")

@@ -37,8 +37,12 @@ _BODY_DOC: dict[str, Any] = {
                 "schema": {"type": "object", "properties": {"events": {"type": "array", "items": {"type": "object"}}}},
                 "example": {
                     "events": [
-                        {"type": "purchase", "source": "web", "ts": "2026-11-25T12:00:00Z",
-                         "properties": {"amount": 12.5, "country": "DE"}}
+                        {
+                            "type": "purchase",
+                            "source": "web",
+                            "ts": "2026-11-25T12:00:00Z",
+                            "properties": {"amount": 12.5, "country": "DE"},
+                        }
                     ]
                 },
             },
@@ -55,7 +59,10 @@ _BODY_DOC: dict[str, Any] = {
     summary="Ingest a batch of events",
     openapi_extra=_BODY_DOC,
     responses={
-        400: _PROBLEM, 413: _PROBLEM, 415: _PROBLEM, 422: _PROBLEM,
+        400: _PROBLEM,
+        413: _PROBLEM,
+        415: _PROBLEM,
+        422: _PROBLEM,
         503: {**_PROBLEM, "description": "Kafka slow, down or the in-flight bound reached; see Retry-After"},
     },
 )

@@ -60,8 +60,7 @@ class KafkaWriter:
             ) from None
         except KafkaError as exc:
             metrics.backpressure_rejections.labels("kafka_error").inc()
-            raise Unavailable(f"Kafka refused the write: {type(exc).__name__}",
-                              retry_after=self._retry_after) from None
+            raise Unavailable(f"Kafka refused the write: {type(exc).__name__}", retry_after=self._retry_after) from None
         finally:
             self._inflight -= size
             metrics.inflight_bytes.dec(size)

@@ -15,9 +15,7 @@ class Problem(BaseModel):
     status: int
     detail: str | None = None
     instance: str | None = None
-    errors: list[dict[str, Any]] | None = Field(
-        None, description="Per-item errors, e.g. rejected events by index."
-    )
+    errors: list[dict[str, Any]] | None = Field(None, description="Per-item errors, e.g. rejected events by index.")
 
 
 class RejectedEvent(BaseModel):
