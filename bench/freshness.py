@@ -111,7 +111,8 @@ def main() -> None:
                devstack.redis(devstack.free_port()).start()]
     settings = Settings(env="test", kafka_bootstrap=servers[0].url, postgres_url=servers[1].url,
                         redis_url=servers[2].url, ingest_port=devstack.free_port(),
-                        query_port=devstack.free_port(), consumer_metrics_port=devstack.free_port())
+                        query_port=devstack.free_port(), consumer_metrics_port=devstack.free_port(),
+                        auth=False)  # the bench measures the pipeline, not key checks
     procs: list[subprocess.Popen[bytes]] = []
     try:
         asyncio.run(migrate(settings))

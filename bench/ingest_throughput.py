@@ -84,7 +84,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tally-bench-"))
     port = devstack.free_port()
     settings = Settings(env="test", kafka_bootstrap=kafka.url, topic="bench.events", ingest_port=port,
-                        topic_partitions=6)
+                        topic_partitions=6, auth=False)  # no key store in this bench
     try:
         asyncio.run(ensure_topics(settings, [settings.topic]))
         bodies = make_bodies(args.batch)

@@ -15,6 +15,10 @@ from collections.abc import Sequence
 
 from core.settings import Settings, SettingsError, get_settings
 
+# core.auth.SCOPES, spelled out: importing core.auth here would load core.metrics before
+# `_prepare_multiprocess_metrics` has set up PROMETHEUS_MULTIPROC_DIR for the workers.
+SCOPES = ("ingest", "query", "admin")
+
 
 def _prepare_multiprocess_metrics(workers: int) -> None:
     """Workers share counters through files; the directory must exist and start empty."""
@@ -56,12 +60,37 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     sub.add_parser("consume", help="run one consumer against configured servers")
     sub.add_parser("migrate", help="create topics, the offsets table and every rollup table")
+    keys = sub.add_parser("keys", help="create, list and revoke API keys (needs TALLY_POSTGRES_URL)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it; it is shown only this once")
+    create.add_argument("--name", required=True, help="who or what uses the key")
+    create.add_argument(
+        "--scope", action="append", required=True, choices=SCOPES, help="repeat for several; admin implies all"
+    )
+    create.add_argument(
+        "--rate-limit", type=int, metavar="N", help="ingest events/s for this key (default: the setting)"
+    )
+    keys_sub.add_parser("list", help="list keys: id, name, scopes, rate limit, created, revoked (never secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id; services refuse it within the auth cache time")
+    revoke.add_argument("id", help="the key's id, from `tally keys list`")
     return parser
+
+
+async def _keys(settings: Settings, args: argparse.Namespace) -> None:
+    from core import keycmd
+
+    if args.keys_command == "create":
+        await keycmd.create(settings, args.name, args.scope, args.rate_limit)
+    elif args.keys_command == "list":
+        await keycmd.list_keys(settings)
+    else:
+        await keycmd.revoke(settings, args.id)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    overrides: dict[str, object] = {"env": "dev"} if args.command == "dev" else {}
+    # `tally dev` runs without auth (DESIGN §7: optional in the dev stack); everything else has it on.
+    overrides: dict[str, object] = {"env": "dev", "auth": False} if args.command == "dev" else {}
     try:
         settings = get_settings(**overrides)
     except Exception as exc:  # pydantic's ValidationError names the bad variable
@@ -74,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             asyncio.run(run_dev(settings, demo=args.demo, demo_rate=args.demo_rate))
         elif args.command == "ingest":
-            settings.require("kafka_bootstrap")
+            auth = ("postgres_url",) if settings.auth else ()  # API keys live in Postgres
+            settings.require("kafka_bootstrap", *auth)
             _serve("ingest.app:app_from_env", settings, settings.ingest_port, args.workers)
         elif args.command == "query":
             settings.require("kafka_bootstrap", "postgres_url", "redis_url")
@@ -86,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             from core.migrate import migrate
 
             asyncio.run(migrate(settings))
+        elif args.command == "keys":
+            try:
+                asyncio.run(_keys(settings, args))
+            except (ValueError, OSError) as exc:  # bad name or rate limit; Postgres unreachable
+                sys.exit(f"tally: {exc}")
     except SettingsError as exc:
         sys.exit(f"tally: {exc}")
     except KeyboardInterrupt:

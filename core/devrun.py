@@ -130,6 +130,12 @@ def _url(settings: Settings, port: int) -> str:
     return f"http://{settings.bind_host}:{port}"
 
 
+def _auth_line(settings: Settings) -> str:
+    if settings.auth:
+        return "on: send `Authorization: Bearer <key>` (create one with `tally keys create`)"
+    return "off in `tally dev`; `tally ingest` and `tally query` require API keys (`tally keys create`)"
+
+
 def _banner(settings: Settings) -> None:
     ingest, query = _url(settings, settings.ingest_port), _url(settings, settings.query_port)
     print(
@@ -139,6 +145,7 @@ Tally is running (Ctrl-C stops everything)
   query    {query}/v1/rollups       docs {query}/docs
   lag      {query}/v1/ops/lag
   metrics  {ingest}/metrics  {query}/metrics  http://{settings.bind_host}:{settings.consumer_metrics_port}/metrics
+  auth     {_auth_line(settings)}
 
   curl -s -XPOST {ingest}/v1/events -H 'content-type: application/json' \\
        -d '{{"events":[{{"type":"purchase","source":"web","properties":{{"amount":9.99}}}}]}}'

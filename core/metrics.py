@@ -76,6 +76,13 @@ db_pool_in_use = Gauge(
     "tally_db_pool_connections_in_use", "Checked-out Postgres connections", ["service"], multiprocess_mode="livesum"
 )
 
+# Auth
+auth_failures = Counter(
+    "tally_auth_failures_total",
+    "Requests refused by API-key auth: missing, malformed, unknown, revoked, scope, unavailable",
+    ["reason"],
+)
+
 
 def metrics_payload() -> tuple[bytes, str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

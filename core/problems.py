@@ -38,6 +38,21 @@ class BadRequest(TallyError):
     status, title, slug = 400, "Bad request", "bad-request"
 
 
+class Unauthorized(TallyError):
+    """No usable credentials: missing, malformed, unknown or revoked (RFC 9110 §15.5.2, RFC 6750 §3)."""
+
+    status, title, slug = 401, "Unauthorized", "unauthorized"
+
+    def __init__(self, detail: str, *, challenge: str = 'Bearer realm="tally"') -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(TallyError):
+    """Valid credentials that do not allow this request (a missing scope)."""
+
+    status, title, slug = 403, "Forbidden", "forbidden"
+
+
 class NotFound(TallyError):
     status, title, slug = 404, "Not found", "not-found"
 

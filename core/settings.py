@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     rollups_file: Path = DEFAULT_ROLLUPS  # the shipped core/rollups.toml
     log_level: str = "info"
 
+    # Auth (API keys with scopes, DESIGN §7). On everywhere but `tally dev`.
+    auth: bool = True
+    auth_cache_seconds: float = Field(10.0, ge=0)  # a revoked key works up to this long in a process
+
     # Ingest limits (DESIGN §2).
     max_body_bytes: int = 5 * 1024 * 1024
     max_events: int = 10_000

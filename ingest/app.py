@@ -6,9 +6,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 
 from core import kafka
+from core.auth import auth_requires, auth_responses, open_key_store, require_scope
 from core.health import kafka_ok
 from core.http import MetricsMiddleware, ops_router
 from core.problems import install_problem_handlers
@@ -34,14 +35,21 @@ def create_app(settings: Settings) -> FastAPI:
             retry_after=settings.retry_after_seconds,
         )
         app.state.producer = producer
+        keys = open_key_store(settings, app="tally-ingest")  # None when auth is off
         try:
-            yield {"settings": settings, "writer": writer}
+            yield {"settings": settings, "writer": writer, "keys": keys}
         finally:
             app.state.draining = True
             await producer.stop()  # flushes what is pending
+            if keys is not None:
+                await keys.close()
 
     async def readiness(request: Request) -> dict[str, bool]:
-        return {"kafka": await kafka_ok(request.app.state.producer.client)}
+        checks = {"kafka": await kafka_ok(request.app.state.producer.client)}
+        keys = request.scope["state"]["keys"]
+        if keys is not None:  # reported, not gating: keys verified in the last seconds still work
+            checks["postgres"] = await keys.reachable()
+        return checks
 
     app = FastAPI(
         title="Tally ingest",
@@ -50,13 +58,14 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
-    app.include_router(router)
-    app.include_router(ops_router(readiness))
+    # /healthz, /readyz and /metrics (ops_router) stay open for probes and Prometheus.
+    app.include_router(router, dependencies=[Depends(require_scope("ingest"))], responses=auth_responses("ingest"))
+    app.include_router(ops_router(readiness, gating=frozenset({"kafka"})))
     app.add_middleware(MetricsMiddleware, service="ingest")
     return app
 
 
 def app_from_env() -> FastAPI:
     settings = get_settings()
-    settings.require("kafka_bootstrap")
+    settings.require("kafka_bootstrap", *auth_requires(settings))
     return create_app(settings)

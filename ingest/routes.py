@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from core import metrics
+from core.auth import KeyStore
 from core.problems import Unprocessable
 from core.settings import Settings
 from ingest.body import UNPARSABLE, parse_batch, read_body
@@ -22,6 +23,7 @@ from schemas.events import InvalidEvent, normalize_event
 class IngestState(TypedDict):
     settings: Settings
     writer: KafkaWriter
+    keys: KeyStore | None  # for `require_scope`; None when auth is off
 
 
 router = APIRouter(tags=["ingest"])

@@ -6,8 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 
+from core.auth import auth_responses, open_key_store, require_scope
 from core.cache import redis_client
 from core.db import read_engine
 from core.health import postgres_ok, redis_ok
@@ -47,12 +48,20 @@ def create_app(settings: Settings) -> FastAPI:
         )
         redis = redis_client(str(settings.redis_url))
         lag = LagProbe(settings, engine)
+        keys = open_key_store(settings, app="tally-query")  # its own small pool: auth never waits on queries
         # A lock outlives the slowest query, so a crashed holder delays others by at most that.
         cache = QueryCache(redis, lock_ttl_ms=settings.statement_timeout_ms + 2_000)
         try:
             await lag.start()
             yield QueryState(
-                settings=settings, engine=engine, redis=redis, cache=cache, catalog=catalog, limits=limits, lag=lag
+                settings=settings,
+                engine=engine,
+                redis=redis,
+                cache=cache,
+                catalog=catalog,
+                limits=limits,
+                lag=lag,
+                keys=keys,
             )
         finally:
             try:
@@ -61,6 +70,8 @@ def create_app(settings: Settings) -> FastAPI:
             finally:
                 await redis.aclose()
                 await engine.dispose()
+                if keys is not None:
+                    await keys.close()
 
     app = FastAPI(
         title="Tally query API",
@@ -71,7 +82,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_problem_handlers(app)
     app.add_middleware(MetricsMiddleware, service="query")
-    app.include_router(router)
+    # Rollups and lag need a `query` key; /healthz, /readyz and /metrics (ops_router) stay open.
+    app.include_router(router, dependencies=[Depends(require_scope("query"))], responses=auth_responses("query"))
     # Queries answer without Redis (bypass) and without Kafka (only lag needs it).
     app.include_router(ops_router(readiness, gating=frozenset({"postgres"})))
     return app

@@ -7,6 +7,7 @@ from typing import TypedDict, cast
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from core.auth import KeyStore
 from core.db import ReadEngine
 from core.settings import Settings
 from query.cache import QueryCache
@@ -23,6 +24,7 @@ class QueryState(TypedDict):
     catalog: Catalog
     limits: Limits
     lag: LagProbe
+    keys: KeyStore | None  # for `require_scope`; None when auth is off
 
 
 def state(request: Request) -> QueryState:

@@ -1,4 +1,4 @@
-"""SQLAlchemy table definitions: the offsets table and one table per rollup spec."""
+"""SQLAlchemy table definitions: the offsets table, API keys and one table per rollup spec."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ from collections.abc import Iterable
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     DateTime,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     PrimaryKeyConstraint,
@@ -18,6 +20,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from schemas.rollups import RollupSpec
 
@@ -33,6 +36,30 @@ def offsets_table(metadata: MetaData) -> Table:
         Column("next_offset", BigInteger, nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
         PrimaryKeyConstraint("group_id", "topic", "partition"),
+    )
+
+
+def api_keys_table(metadata: MetaData) -> Table:
+    """API keys (`tally_<id>_<secret>`): the public id, and only a SHA-256 hash of the secret.
+
+    SHA-256 and not a password hash (bcrypt, scrypt, argon2): a secret is 32 random
+    bytes from `secrets`, not something a person chose, so there is nothing to guess
+    from a leaked hash (2^256 candidates) and a slow hash would add no safety; it would
+    only cost milliseconds of CPU on every cache miss of the ingest hot path. GitHub
+    and others store random tokens the same way. The id is public (it names the key
+    in logs and in `tally keys list`); the secret is shown once, at creation.
+    """
+    return Table(
+        "tally_api_keys",
+        metadata,
+        Column("id", Text, primary_key=True),
+        Column("name", Text, nullable=False),
+        Column("secret_hash", LargeBinary, nullable=False),
+        Column("scopes", ARRAY(Text), nullable=False),
+        Column("rate_limit", Integer, nullable=True),  # events/s for ingest; NULL = the configured default
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("revoked_at", DateTime(timezone=True), nullable=True),
+        CheckConstraint("rate_limit IS NULL OR rate_limit > 0", name="ck_tally_api_keys_rate_limit"),
     )
 
 
@@ -58,6 +85,7 @@ def rollup_table(spec: RollupSpec, metadata: MetaData) -> Table:
 def build_metadata(specs: Iterable[RollupSpec]) -> MetaData:
     metadata = MetaData()
     offsets_table(metadata)
+    api_keys_table(metadata)
     for spec in specs:
         rollup_table(spec, metadata)
     return metadata

@@ -65,6 +65,7 @@ def settings(servers: Servers, database_url: str) -> Settings:
         heartbeat_interval_ms=500,
         batch_max_wait_ms=100,
         produce_timeout_seconds=5.0,
+        auth=False,  # tests of auth turn it on: settings.model_copy(update={"auth": True})
     )
 
 

@@ -19,7 +19,23 @@ async def test_migrate_creates_tables_indexes_and_topics(settings: Settings) -> 
     conn = await asyncpg.connect(settings.postgres_url)
     try:
         tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
-        assert tables == {"tally_offsets", "agg_events_by_type", "agg_page_views"}
+        assert tables == {"tally_offsets", "tally_api_keys", "agg_events_by_type", "agg_page_views"}
+        key_cols = {
+            r["column_name"]: (r["data_type"], r["is_nullable"])
+            for r in await conn.fetch(
+                "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+                "WHERE table_name='tally_api_keys'"
+            )
+        }
+        assert key_cols == {
+            "id": ("text", "NO"),
+            "name": ("text", "NO"),
+            "secret_hash": ("bytea", "NO"),
+            "scopes": ("ARRAY", "NO"),
+            "rate_limit": ("integer", "YES"),
+            "created_at": ("timestamp with time zone", "NO"),
+            "revoked_at": ("timestamp with time zone", "YES"),
+        }
         cols = [
             (r["column_name"], r["data_type"])
             for r in await conn.fetch(
