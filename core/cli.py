@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             asyncio.run(run_dev(settings, demo=args.demo, demo_rate=args.demo_rate))
         elif args.command == "ingest":
             auth = ("postgres_url",) if settings.auth else ()  # API keys live in Postgres
-            settings.require("kafka_bootstrap", *auth)
+            settings.require("kafka_bootstrap", "redis_url", *auth)
             _serve("ingest.app:app_from_env", settings, settings.ingest_port, args.workers)
         elif args.command == "query":
             settings.require("kafka_bootstrap", "postgres_url", "redis_url")

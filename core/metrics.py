@@ -37,6 +37,14 @@ produce_latency = Histogram(
     "tally_kafka_produce_seconds", "Time from send to broker ack for one batch", buckets=_LATENCY
 )
 records_produced = Counter("tally_kafka_records_produced_total", "Envelope records acknowledged")
+idempotent_replays = Counter("tally_ingest_idempotent_replays_total", "Answers replayed for a repeated Idempotency-Key")
+rate_limited_events = Counter("tally_ingest_rate_limited_events_total", "Events refused by per-key rate limits")
+rate_limit_unavailable = Counter(
+    "tally_ingest_rate_limit_unavailable_total", "Batches let through because the rate limiter's Redis was unreachable"
+)
+kafka_breaker_open = Gauge(
+    "tally_ingest_kafka_breaker_open", "1 while ingest refuses at once after a Kafka failure", multiprocess_mode="max"
+)
 
 # Consumer
 consumer_lag_records = Gauge(

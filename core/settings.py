@@ -69,9 +69,16 @@ class Settings(BaseSettings):
 
     # Ingest backpressure.
     max_inflight_bytes: int = 64 * 1024 * 1024
-    produce_timeout_seconds: float = 10.0
+    produce_timeout_seconds: float = 5.0
     producer_linger_ms: int = 2
     retry_after_seconds: int = 1
+    kafka_breaker_seconds: float = 1.0  # after a failed write, refuse at once for this long
+
+    # Ingest idempotency keys and per-key rate limits (both in Redis).
+    idempotency_ttl_seconds: int = 86_400
+    idempotency_lock_seconds: float = 30.0  # a first request's claim; must outlast a produce
+    rate_limit_events_per_second: int = 100_000  # per key, unless the key has its own; 0 = off
+    rate_limit_burst_seconds: float = 2.0  # bucket size, in seconds of the rate
 
     # Consumer.
     batch_max_records: int = 2_000  # records (envelopes) per poll

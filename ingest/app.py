@@ -10,11 +10,13 @@ from fastapi import Depends, FastAPI, Request
 
 from core import kafka
 from core.auth import auth_requires, auth_responses, open_key_store, require_scope
-from core.health import kafka_ok
+from core.cache import redis_client
+from core.health import kafka_ok, redis_ok
 from core.http import MetricsMiddleware, ops_router
 from core.problems import install_problem_handlers
-from core.retry import retry_until
 from core.settings import Settings, get_settings
+from ingest.idempotency import IdempotencyStore
+from ingest.ratelimit import RateLimiter
 from ingest.routes import IngestState, router
 from ingest.writer import KafkaWriter
 
@@ -24,28 +26,49 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[IngestState]:
-        producer = kafka.producer(settings)
-        await retry_until(producer.start, what="Kafka producer", deadline=60.0)
-        await kafka.ensure_topics(settings, [settings.topic])
         writer = KafkaWriter(
-            producer,
+            lambda: kafka.producer(settings),
             settings.topic,
             max_inflight_bytes=settings.max_inflight_bytes,
             timeout=settings.produce_timeout_seconds,
             retry_after=settings.retry_after_seconds,
+            breaker_seconds=settings.kafka_breaker_seconds,
         )
-        app.state.producer = producer
+        redis = redis_client(str(settings.redis_url))
         keys = open_key_store(settings, app="tally-ingest")  # None when auth is off
+        writer.start()  # in the background: ingest serves (and refuses with 503) while Kafka is down
+        app.state.writer = writer
         try:
-            yield {"settings": settings, "writer": writer, "keys": keys}
+            yield {
+                "settings": settings,
+                "keys": keys,
+                "writer": writer,
+                "idempotency": IdempotencyStore(
+                    redis,
+                    settings.cache_prefix,
+                    ttl_seconds=settings.idempotency_ttl_seconds,
+                    lock_seconds=settings.idempotency_lock_seconds,
+                    retry_after=settings.retry_after_seconds,
+                ),
+                "limiter": RateLimiter(
+                    redis,
+                    settings.cache_prefix,
+                    default_rate=settings.rate_limit_events_per_second,
+                    burst_seconds=settings.rate_limit_burst_seconds,
+                ),
+            }
         finally:
             app.state.draining = True
-            await producer.stop()  # flushes what is pending
+            await writer.stop()  # flushes what is pending
+            await redis.aclose()
             if keys is not None:
                 await keys.close()
 
     async def readiness(request: Request) -> dict[str, bool]:
-        checks = {"kafka": await kafka_ok(request.app.state.producer.client)}
+        writer: KafkaWriter = request.app.state.writer
+        producer = writer.producer
+        kafka_up = producer is not None and writer.healthy and await kafka_ok(producer.client)
+        checks = {"kafka": kafka_up, "redis": await redis_ok(request.scope["state"]["idempotency"].redis)}
         keys = request.scope["state"]["keys"]
         if keys is not None:  # reported, not gating: keys verified in the last seconds still work
             checks["postgres"] = await keys.reachable()
@@ -60,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     # /healthz, /readyz and /metrics (ops_router) stay open for probes and Prometheus.
     app.include_router(router, dependencies=[Depends(require_scope("ingest"))], responses=auth_responses("ingest"))
+    # Without Redis only requests with an Idempotency-Key are refused: not a reason to leave the balancer.
     app.include_router(ops_router(readiness, gating=frozenset({"kafka"})))
     app.add_middleware(MetricsMiddleware, service="ingest")
     return app
@@ -67,5 +91,5 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     settings = get_settings()
-    settings.require("kafka_bootstrap", *auth_requires(settings))
+    settings.require("kafka_bootstrap", "redis_url", *auth_requires(settings))
     return create_app(settings)

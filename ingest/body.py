@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from core.problems import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from schemas.events import parse_sent_at
 
 JSON_TYPES = frozenset({"application/json", ""})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
@@ -25,6 +26,7 @@ UNPARSABLE = object()
 class ParsedBatch:
     events: list[Any]
     line_errors: dict[int, str] = field(default_factory=dict)
+    sent_at_ms: int | None = None  # the producer's clock when it sent the batch
 
 
 class BoundedBody:
@@ -89,7 +91,7 @@ def parse_batch(body: bytes, content_type: str, *, max_events: int) -> ParsedBat
     if kind in NDJSON_TYPES:
         batch = _parse_ndjson(body)
     elif kind in JSON_TYPES:
-        batch = ParsedBatch(_parse_json(body))
+        batch = _parse_json(body)
     else:
         raise UnsupportedMediaType(
             f"Content-Type {kind!r} is not supported; use application/json or application/x-ndjson"
@@ -99,20 +101,25 @@ def parse_batch(body: bytes, content_type: str, *, max_events: int) -> ParsedBat
     return batch
 
 
-def _parse_json(body: bytes) -> list[Any]:
+def _parse_json(body: bytes) -> ParsedBatch:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     if isinstance(doc, list):
-        return doc
+        return ParsedBatch(doc)
     if isinstance(doc, dict):
-        unknown = doc.keys() - {"events"}
+        unknown = doc.keys() - {"events", "sent_at"}
         if unknown:
             raise BadRequest(f"unknown top-level field(s): {', '.join(sorted(unknown)[:5])}")
         events = doc.get("events")
         if isinstance(events, list):
-            return events
+            sent_at = doc.get("sent_at")
+            try:
+                sent_at_ms = None if sent_at is None else parse_sent_at(sent_at)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            return ParsedBatch(events, sent_at_ms=sent_at_ms)
     raise BadRequest('body must be {"events": [...]}, a JSON array of events, or NDJSON')
 
 

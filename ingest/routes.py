@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
-from typing import Any, TypedDict, cast
+from typing import Annotated, Any, TypedDict, cast
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
 from core import metrics
-from core.auth import KeyStore
-from core.problems import Unprocessable
+from core.auth import ANONYMOUS, KeyStore, Principal
+from core.problems import PROBLEM_JSON, Unprocessable, problem_response
 from core.settings import Settings
-from ingest.body import UNPARSABLE, parse_batch, read_body
+from ingest.body import UNPARSABLE, ParsedBatch, media_type, parse_batch, read_body
+from ingest.idempotency import IdempotencyStore, StoredResponse, derived_event_id, fingerprint, validate_key
+from ingest.ratelimit import RateLimiter
 from ingest.writer import KafkaWriter
 from schemas import envelope
 from schemas.api import IngestAccepted, Problem
@@ -23,6 +25,8 @@ from schemas.events import InvalidEvent, normalize_event
 class IngestState(TypedDict):
     settings: Settings
     writer: KafkaWriter
+    idempotency: IdempotencyStore
+    limiter: RateLimiter
     keys: KeyStore | None  # for `require_scope`; None when auth is off
 
 
@@ -62,15 +66,29 @@ _BODY_DOC: dict[str, Any] = {
     openapi_extra=_BODY_DOC,
     responses={
         400: _PROBLEM,
+        409: {**_PROBLEM, "description": "A request with this Idempotency-Key is still in progress"},
         413: _PROBLEM,
         415: _PROBLEM,
         422: _PROBLEM,
+        429: {**_PROBLEM, "description": "The key's events/s limit; see Retry-After and RateLimit-*"},
         503: {**_PROBLEM, "description": "Kafka slow, down or the in-flight bound reached; see Retry-After"},
     },
 )
-async def post_events(request: Request) -> Response:
+async def post_events(
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Retry-safe key (IETF httpapi draft): a repeat gets the first answer, "
+            "writes nothing again. Kept 24 h.",
+            examples=["batch-2026-11-25-0001"],
+        ),
+    ] = None,
+) -> Response:
     state = cast(IngestState, request.scope["state"])
     settings = state["settings"]
+    principal: Principal = request.scope["state"].get("principal", ANONYMOUS)
+    key = validate_key(idempotency_key) if idempotency_key is not None else None
     content_length = request.headers.get("content-length")
     body = await read_body(
         request.stream(),
@@ -78,9 +96,35 @@ async def post_events(request: Request) -> Response:
         encoding=request.headers.get("content-encoding", ""),
         limit=settings.max_body_bytes,
     )
-    batch = parse_batch(body, request.headers.get("content-type", ""), max_events=settings.max_events)
+    content_type = request.headers.get("content-type", "")
+    batch = parse_batch(body, content_type, max_events=settings.max_events)
+
+    if key is None:
+        return await _ingest(request, state, principal, batch, None)
+    claimed = await state["idempotency"].claim(principal.key_id, key, fingerprint(media_type(content_type), body))
+    if isinstance(claimed, StoredResponse):
+        metrics.idempotent_replays.inc()
+        kind = "application/json" if claimed.status < 300 else PROBLEM_JSON
+        return Response(claimed.body, claimed.status, media_type=kind, headers={"Idempotent-Replayed": "true"})
+    try:
+        response = await _ingest(request, state, principal, batch, key)
+    except BaseException:
+        await state["idempotency"].release(claimed)
+        raise
+    await state["idempotency"].complete(claimed, response.status_code, bytes(response.body))
+    return response
+
+
+async def _ingest(
+    request: Request, state: IngestState, principal: Principal, batch: ParsedBatch, key: str | None
+) -> Response:
+    """Rate-limit, validate, write: the 202 (or the 422) for one parsed batch."""
+    settings = state["settings"]
+    quota = await state["limiter"].take(principal.key_id, len(batch.events), principal.rate_limit)
+    headers = quota.headers() if quota else {}
 
     received_at = time.time_ns() // 1_000_000
+    skew = 0 if batch.sent_at_ms is None else received_at - batch.sent_at_ms
     limits = settings.event_limits
     encoded: list[bytes] = []
     rejected: list[dict[str, Any]] = []
@@ -89,15 +133,25 @@ async def post_events(request: Request) -> Response:
             rejected.append({"index": index, "error": batch.line_errors[index]})
             metrics.events_rejected.labels("json").inc()
             continue
+        if key is not None and isinstance(raw, dict) and "event_id" not in raw:
+            raw["event_id"] = derived_event_id(principal.key_id, key, index)
         try:
-            encoded.append(normalize_event(raw, received_at, limits))
+            encoded.append(normalize_event(raw, received_at, limits, skew))
         except InvalidEvent as exc:
             rejected.append({"index": index, "error": str(exc)})
             metrics.events_rejected.labels(exc.reason).inc()
 
     if not encoded:
         detail = "the batch has no events" if not batch.events else "no event in the batch is valid"
-        raise Unprocessable(detail, errors=rejected)
+        return problem_response(
+            422,
+            Unprocessable.title,
+            detail,
+            slug=Unprocessable.slug,
+            instance=request.url.path,
+            errors=rejected,
+            headers=headers,
+        )
 
     request_id: str = request.scope["state"].get("request_id", "")
     values = list(envelope.pack(encoded, settings.envelope_max_bytes))
@@ -107,4 +161,5 @@ async def post_events(request: Request) -> Response:
         orjson.dumps({"accepted": len(encoded), "rejected": rejected}),
         status_code=202,
         media_type="application/json",
+        headers=headers,
     )

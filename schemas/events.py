@@ -100,8 +100,20 @@ def _check_leaf(value: Any, limits: EventLimits, where: str) -> None:
         raise InvalidEvent(f"{where} is outside the 64-bit integer range", "properties")
 
 
-def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits) -> bytes:
-    """Validate one raw event and return its normalized JSON, or raise InvalidEvent."""
+def parse_sent_at(value: Any) -> int:
+    """A batch's `sent_at` (the producer's clock at sending), in epoch ms."""
+    try:
+        return _parse_ts(value)
+    except InvalidEvent as exc:
+        raise ValueError(str(exc).replace("ts", "sent_at", 1)) from None
+
+
+def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits, skew_ms: int = 0) -> bytes:
+    """Validate one raw event and return its normalized JSON, or raise InvalidEvent.
+
+    `skew_ms` (receive time minus the batch's `sent_at`) moves a producer-clock
+    `ts` onto the server's clock: ts' = received_at - (sent_at - ts).
+    """
     if not isinstance(raw, dict):
         raise InvalidEvent("an event must be a JSON object", "not_object")
     unknown = raw.keys() - KNOWN_FIELDS
@@ -124,7 +136,7 @@ def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits) -> bytes
             raise InvalidEvent(f"event_id {event_id[:64]!r} is not a UUID", "event_id") from None
 
     ts = raw.get("ts")
-    ts_ms = received_at_ms if ts is None else _parse_ts(ts)
+    ts_ms = received_at_ms if ts is None else _parse_ts(ts) + skew_ms
     if ts_ms < received_at_ms - limits.lateness_ms:
         raise InvalidEvent(f"ts is older than the lateness window ({limits.lateness_ms // 1000} s)", "ts_late")
     if ts_ms > received_at_ms + limits.future_ms:

@@ -20,6 +20,7 @@ class TallyProcess:
     settings: Settings
     port: int
     log_path: Path
+    args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self, timeout: float = 60.0) -> TallyProcess:
@@ -27,7 +28,7 @@ class TallyProcess:
         env.update(self.settings.to_env())
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "core.cli", self.command],
+                [sys.executable, "-m", "core.cli", self.command, *self.args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=devstack._die_with_parent,
             )
         devstack.wait_for_port(self.port, timeout, self.process)
@@ -57,9 +58,9 @@ class TallyProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def tally_process(command: str, settings: Settings, tmp: Path) -> TallyProcess:
+def tally_process(command: str, settings: Settings, tmp: Path, *args: str) -> TallyProcess:
     """A process on fresh ports, so several can run side by side."""
     port = devstack.free_port()
     field_name = {"ingest": "ingest_port", "query": "query_port", "consume": "consumer_metrics_port"}[command]
     own = settings.model_copy(update={field_name: port})
-    return TallyProcess(command, own, port, tmp / f"{command}-{port}-{int(time.time() * 1000)}.log")
+    return TallyProcess(command, own, port, tmp / f"{command}-{port}-{int(time.time() * 1000)}.log", args)

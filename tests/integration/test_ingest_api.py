@@ -82,7 +82,7 @@ async def test_ops_routes(migrated: Settings) -> None:
         await http.post("/v1/events", json=[{"type": "a"}, {"type": "?"}])
         assert (await http.get("/healthz")).json() == {"status": "ok"}
         ready = await http.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["checks"] == {"kafka": True}
+        assert ready.status_code == 200 and ready.json()["checks"] == {"kafka": True, "redis": True}
         text = (await http.get("/metrics")).text
         assert 'tally_http_requests_total{method="POST",route="/v1/events",service="ingest",status="202"}' in text
         assert "tally_ingest_events_accepted_total" in text
