@@ -77,14 +77,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
     kafka = devstack.kafka(devstack.free_port()).start()
     tmp = Path(tempfile.mkdtemp(prefix="tally-bench-"))
     port = devstack.free_port()
-    settings = Settings(env="test", kafka_bootstrap=kafka.url, topic="bench.events", ingest_port=port,
-                        topic_partitions=6, auth=False)  # no key store in this bench
+    redis = devstack.redis(devstack.free_port()).start()
+    # No key store in this bench (auth off); the rate limiter still runs (one Redis call per
+    # request, as in production) with a limit high enough not to refuse anything.
+    settings = Settings(env="test", kafka_bootstrap=kafka.url, redis_url=redis.url, topic="bench.events",
+                        ingest_port=port, topic_partitions=6, auth=False,
+                        rate_limit_events_per_second=int(os.environ.get("BENCH_RATE", "100000000")))
     try:
         asyncio.run(ensure_topics(settings, [settings.topic]))
         bodies = make_bodies(args.batch)
@@ -92,7 +97,8 @@ def main() -> None:
         log = (tmp / "ingest.log").open("wb")
         import subprocess
 
-        server = subprocess.Popen([sys.executable, "-m", "core.cli", "ingest"], env=env, stdout=log,
+        server = subprocess.Popen([sys.executable, "-m", "core.cli", "ingest", "--workers", str(args.workers)],
+                                  env=env, stdout=log,
                                   stderr=subprocess.STDOUT, preexec_fn=devstack._die_with_parent)
         devstack.wait_for_port(port, 30, server)
         try:
@@ -111,16 +117,17 @@ def main() -> None:
         raw_rate = asyncio.run(raw_producer_rate(settings, bodies, args.seconds))
     finally:
         kafka.stop()
+        redis.stop()
     row = {
         "benchmark": "ingest", "events_per_request": args.batch, "connections": args.connections,
-        "workers": 1, "http_events_per_s": round(http_rate), "requests_per_s": round(ok / secs),
+        "workers": args.workers, "http_events_per_s": round(http_rate), "requests_per_s": round(ok / secs),
         "p50_ms": round(p50 * 1000, 2), "p99_ms": round(p99 * 1000, 2), "statuses": statuses,
         "raw_producer_events_per_s": round(raw_rate), "ratio": round(http_rate / raw_rate, 3),
         "cores": os.cpu_count(),
     }
     print(f"ingest over HTTP: {row['http_events_per_s']:>9,} events/s  ({row['requests_per_s']} req/s, "
           f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, {args.batch} events/request, "
-          f"{args.connections} connections, statuses {statuses})")
+          f"{args.connections} connections, {args.workers} worker(s), statuses {statuses})")
     print(f"bare producer:    {row['raw_producer_events_per_s']:>9,} events/s  (same envelopes, acks=all)")
     print(f"ratio:            {row['ratio']:.3f}")
     if args.json:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
 from core import metrics
-from core.auth import ANONYMOUS, KeyStore, Principal
+from core.auth import KeyStore, Principal
 from core.problems import PROBLEM_JSON, Unprocessable, problem_response
 from core.settings import Settings
 from ingest.body import UNPARSABLE, ParsedBatch, media_type, parse_batch, read_body
@@ -87,8 +87,9 @@ async def post_events(
 ) -> Response:
     state = cast(IngestState, request.scope["state"])
     settings = state["settings"]
-    principal: Principal = request.scope["state"].get("principal", ANONYMOUS)
+    principal: Principal = request.scope["state"]["principal"]  # set by require_scope; absent fails closed
     key = validate_key(idempotency_key) if idempotency_key is not None else None
+    state["writer"].shed()
     content_length = request.headers.get("content-length")
     body = await read_body(
         request.stream(),

@@ -100,6 +100,18 @@ class KafkaWriter:
 
     # Writing.
 
+    def shed(self) -> None:
+        """Refuse before the body is read when a write could not go through anyway:
+        under overload the cheapest answer is the one given before any work."""
+        if self._producer is None or time.monotonic() < self._open_until or self._probing:
+            self._admit()
+        if self._inflight >= self._max_inflight:
+            metrics.backpressure_rejections.labels("inflight").inc()
+            raise Unavailable(
+                f"{self._inflight} bytes are in flight to Kafka (limit {self._max_inflight}); retry shortly",
+                retry_after=self._retry_after,
+            )
+
     async def write(self, values: list[bytes], headers: list[tuple[str, bytes]]) -> None:
         producer = self._admit()
         size = sum(len(v) for v in values)

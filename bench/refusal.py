@@ -1,0 +1,89 @@
+"""Time to refuse when saturated: a stalled broker (SIGSTOP) holds the in-flight budget,
+and every further batch must get its 503 at once. Printed beside a `/healthz` round
+trip on the same server, the floor of any answer.
+
+    .venv/bin/python -m bench.refusal [--requests 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from core import devstack
+from core.kafka import ensure_topics
+from core.settings import Settings
+
+
+def pct(data: list[float], p: float) -> float:
+    data = sorted(data)
+    return data[min(len(data) - 1, int(len(data) * p))] * 1000
+
+
+async def measure(port: int, kafka: devstack.EmbeddedServer, n: int) -> tuple[list[float], list[float], int]:
+    batch = {"events": [{"type": "r", "properties": {"pad": "x" * 100}}] * 100}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        for _ in range(20):
+            await http.post("/v1/events", json=batch)
+        health = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await http.get("/healthz")
+            health.append(time.perf_counter() - t)
+        assert kafka.process is not None
+        kafka.process.send_signal(signal.SIGSTOP)
+        try:
+            stuck = asyncio.create_task(http.post("/v1/events", json=batch))
+            await asyncio.sleep(0.3)
+            refusals, statuses = [], set()
+            for _ in range(n):
+                t = time.perf_counter()
+                r = await http.post("/v1/events", json=batch)
+                refusals.append(time.perf_counter() - t)
+                statuses.add(r.status_code)
+            await stuck
+        finally:
+            kafka.process.send_signal(signal.SIGCONT)
+    assert statuses == {503}, statuses
+    return refusals, health, len(refusals)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=500)
+    args = parser.parse_args()
+    kafka = devstack.kafka(devstack.free_port()).start()
+    redis = devstack.redis(devstack.free_port()).start()
+    port = devstack.free_port()
+    settings = Settings(env="test", kafka_bootstrap=kafka.url, redis_url=redis.url, ingest_port=port, auth=False,
+                        max_inflight_bytes=1, produce_timeout_seconds=30, topic="bench.refusal")
+    server = None
+    try:
+        asyncio.run(ensure_topics(settings, [settings.topic]))
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}, **settings.to_env()}
+        server = subprocess.Popen([sys.executable, "-m", "core.cli", "ingest"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  preexec_fn=devstack._die_with_parent)
+        devstack.wait_for_port(port, 30, server)
+        refusals, health, n = asyncio.run(measure(port, kafka, args.requests))
+    finally:
+        if server:
+            server.terminate()
+            server.wait()
+        kafka.stop()
+        redis.stop()
+    print(f"refusal when saturated (100-event batches, {n} requests): p50 {pct(refusals, 0.5):.2f} ms, "
+          f"p99 {pct(refusals, 0.99):.2f} ms")
+    print(f"/healthz round trip on the same server:                  p50 {pct(health, 0.5):.2f} ms, "
+          f"p99 {pct(health, 0.99):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
