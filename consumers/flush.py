@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from consumers.aggregate import RollupPlan
 from consumers.batch import PreparedBatch
 from consumers.retry import postgres_transient, retrying
-from consumers.sql import ADVANCE_OFFSET, Upsert, upsert
+from consumers.sql import ADVANCE_OFFSET, RECORD_STARTS, Upsert, upsert
 from core import metrics
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,21 @@ class _Fenced(Exception):
 class Flusher:
     """Writes prepared batches for one consumer group."""
 
-    def __init__(self, engine: AsyncEngine, group_id: str, plans: Sequence[RollupPlan]) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        group_id: str,
+        plans: Sequence[RollupPlan],
+        *,
+        version: int = 0,
+        record_starts: bool = True,
+    ) -> None:
         self.engine = engine
         self.group_id = group_id
         self.upserts: tuple[Upsert, ...] = tuple(upsert(p) for p in plans)
+        self.version = version  # the rollup registry version this flusher applies for
+        self.record_starts = record_starts
+        self._started: set[tuple[str, int]] = set()  # partitions whose rollup starts are recorded
 
     async def apply(self, batch: PreparedBatch) -> bool:
         """One attempt: True if committed, False if fenced (rolled back, nothing changed)."""
@@ -51,6 +62,7 @@ class Flusher:
                             "partition": adv.partition,
                             "expected": adv.expected,
                             "new": adv.new,
+                            "version": self.version,
                         },
                     )
                     if result.rowcount != 1:
@@ -59,8 +71,21 @@ class Flusher:
                     cells = batch.aggregates.get(up.plan.name)
                     if cells:
                         await conn.execute(up.statement, up.params(cells))
+                starting = [a for a in batch.advances if (a.topic, a.partition) not in self._started]
+                for adv in starting if self.record_starts else ():
+                    await conn.execute(
+                        RECORD_STARTS,
+                        {
+                            "group_id": self.group_id,
+                            "topic": adv.topic,
+                            "partition": adv.partition,
+                            "start": adv.expected,
+                            "rollups": [u.plan.name for u in self.upserts],
+                        },
+                    )
         except _Fenced:
             return False
+        self._started.update((a.topic, a.partition) for a in starting)
         return True
 
     async def flush(self, batch: PreparedBatch, *, stop: asyncio.Event | None = None) -> bool:

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from consumers.aggregate import RollupPlan, compile_rollups
 from consumers.dlq import DeadLetterSink
 from consumers.ops import Health, OpsServer, build_app
+from consumers.registry import NotRegistered, StaleRollups, registry_version
 from consumers.retry import FIRST_DELAY, MAX_DELAY, Stopped, kafka_transient, postgres_transient, retrying, wait_or_stop
 from consumers.runner import Listener, Runner
 from core import kafka
@@ -34,11 +35,12 @@ class NotMigrated(Exception):
     """A table the consumer writes does not exist yet: `tally migrate` has not run."""
 
 
-async def wait_for_tables(engine: AsyncEngine, plans: Sequence[RollupPlan], stop: asyncio.Event) -> None:
-    """Wait until Postgres answers and has the offsets table and every rollup table."""
-    names = ["tally_offsets", *(p.spec.table for p in plans)]
+async def wait_for_tables(engine: AsyncEngine, plans: Sequence[RollupPlan], stop: asyncio.Event) -> int:
+    """Wait until Postgres answers, has every table and registers exactly these rollups;
+    return the registry version. A registry listing other rollups raises StaleRollups."""
+    names = ["tally_offsets", "tally_meta", "tally_rollups", "tally_rollup_starts", *(p.spec.table for p in plans)]
 
-    async def check() -> None:
+    async def check() -> int:
         async with engine.connect() as conn:
             found = (
                 (
@@ -52,8 +54,12 @@ async def wait_for_tables(engine: AsyncEngine, plans: Sequence[RollupPlan], stop
         missing = [n for n, f in zip(names, found, strict=True) if f is None]
         if missing:
             raise NotMigrated(f"missing tables {', '.join(missing)}: run `tally migrate`")
+        try:
+            return await registry_version(engine, [p.spec for p in plans])
+        except NotRegistered as exc:
+            raise NotMigrated(str(exc)) from None
 
-    await retrying(
+    return await retrying(
         check,
         what="wait for Postgres",
         transient=lambda e: isinstance(e, NotMigrated) or postgres_transient(e),
@@ -122,9 +128,10 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     with _stop_on_signals(stop) if own_signals else contextlib.nullcontext():
         await ops.start()
         try:
-            await wait_for_tables(engine, plans, stop)
+            version = await wait_for_tables(engine, plans, stop)
             await dlq.start(stop=stop)
             runner = await start_consumer(settings, engine, dlq, plans, stop)
+            runner.flusher.version = version
             health.consumer = runner.consumer
             log.info(
                 "consuming %s as group %s; metrics on %s:%d",
@@ -136,6 +143,9 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             await consume(runner, stop)
         except Stopped as exc:
             log.warning("stopped before the work in hand was done (nothing of it committed): %s", exc)
+        except StaleRollups as exc:
+            log.error("%s", exc)
+            raise SystemExit(3) from None
         finally:
             app.state.draining = True
             if runner is not None:

@@ -25,6 +25,8 @@ from consumers.batch import TP, prepare
 from consumers.dlq import DeadLetterSink
 from consumers.flush import Flusher
 from consumers.offsets import load_offsets
+from consumers.registry import NotRegistered, StaleRollups, registry_version
+from consumers.retry import postgres_transient, retrying
 from core import metrics
 from core.settings import Settings
 
@@ -125,6 +127,16 @@ class Runner:
             lag.batch_started(tp, timestamp)
         await self.dlq.send(batch.dead, stop=self.stop)
         if not await self.flusher.flush(batch, stop=self.stop):
+            # Fenced by a moved offset, or by a migrate that changed the applied rollups.
+            try:
+                self.flusher.version = await retrying(
+                    lambda: registry_version(self.engine, [p.spec for p in self.plans]),
+                    what="read the rollup registry",
+                    transient=postgres_transient,
+                    stop=self.stop,
+                )
+            except NotRegistered as exc:  # a migrate retired one of our rollups: our file is stale
+                raise StaleRollups(str(exc)) from None
             await self._resync(sorted(self.expected))
             return
         for adv in batch.advances:

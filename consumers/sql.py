@@ -18,9 +18,18 @@ from consumers.aggregate import Cells, RollupPlan
 
 _PG_TYPE = {"count": "bigint", "sum": "numeric", "min": "numeric", "max": "numeric"}
 
+# Fenced twice: by the stored offset (a zombie after a rebalance) and by the rollup
+# registry's version (a consumer started with another rollups file).
 ADVANCE_OFFSET = text(
     "UPDATE tally_offsets SET next_offset = :new, updated_at = now() "
-    "WHERE group_id = :group_id AND topic = :topic AND partition = :partition AND next_offset = :expected"
+    "WHERE group_id = :group_id AND topic = :topic AND partition = :partition AND next_offset = :expected "
+    "AND (SELECT value FROM tally_meta WHERE key = 'rollups_version') = :version"
+)
+# The first offset of a partition a group applied each rollup from: what a backfill must stop at.
+RECORD_STARTS = text(
+    "INSERT INTO tally_rollup_starts (group_id, rollup, topic, partition, start_offset) "
+    "SELECT :group_id, r, :topic, :partition, :start FROM unnest(CAST(:rollups AS text[])) AS r "
+    "ON CONFLICT DO NOTHING"
 )
 ENSURE_OFFSETS = text(
     "INSERT INTO tally_offsets (group_id, topic, partition, next_offset) "

@@ -7,6 +7,7 @@ and migrations agree on one definition.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -151,6 +152,21 @@ def _parse_measure(decl: object, rollup: str) -> Measure:
     if op not in ("sum", "min", "max"):
         raise RollupSpecError(f"rollup {rollup!r}: measure op {op!r} must be sum, min or max")
     return Measure(op, _check_path(path, "measure path", rollup))  # type: ignore[arg-type]
+
+
+def definition(spec: RollupSpec) -> dict[str, Any]:
+    """Everything that decides what a rollup's rows hold (not its name), canonically."""
+    return {
+        "granularity": spec.granularity,
+        "dimensions": [d.path for d in spec.dimensions],
+        "measures": [m.declaration for m in spec.measures],
+        "where": {path: list(values) for path, values in sorted(spec.where.items())},
+    }
+
+
+def fingerprint(spec: RollupSpec) -> str:
+    """Changes when the rows a table would hold change, so a table is never reused for another definition."""
+    return hashlib.sha256(orjson.dumps(definition(spec), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def parse_rollup(raw: Mapping[str, Any]) -> RollupSpec:

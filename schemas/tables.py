@@ -82,10 +82,48 @@ def rollup_table(spec: RollupSpec, metadata: MetaData) -> Table:
     return table
 
 
+def registry_tables(metadata: MetaData) -> None:
+    """The rollup registry, its version, and where each rollup started being applied.
+
+    `tally_rollups` holds the definition each table was made for. `tally_meta`'s
+    `rollups_version` changes whenever the set of applied rollups does; a consumer's
+    offset update requires the version it was started with, so a consumer running
+    an older rollups file is fenced instead of silently skipping a new rollup.
+    `tally_rollup_starts` is the first offset of each partition a group applied a
+    rollup from: the upper bound of what `tally backfill` must fill.
+    """
+    Table(
+        "tally_rollups",
+        metadata,
+        Column("name", Text, primary_key=True),
+        Column("fingerprint", Text, nullable=False),
+        Column("definition", Text, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("retired_at", DateTime(timezone=True), nullable=True),
+    )
+    Table(
+        "tally_meta",
+        metadata,
+        Column("key", Text, primary_key=True),
+        Column("value", BigInteger, nullable=False),
+    )
+    Table(
+        "tally_rollup_starts",
+        metadata,
+        Column("group_id", Text, nullable=False),
+        Column("rollup", Text, nullable=False),
+        Column("topic", Text, nullable=False),
+        Column("partition", Integer, nullable=False),
+        Column("start_offset", BigInteger, nullable=False),
+        PrimaryKeyConstraint("group_id", "rollup", "topic", "partition"),
+    )
+
+
 def build_metadata(specs: Iterable[RollupSpec]) -> MetaData:
     metadata = MetaData()
     offsets_table(metadata)
     api_keys_table(metadata)
+    registry_tables(metadata)
     for spec in specs:
         rollup_table(spec, metadata)
     return metadata

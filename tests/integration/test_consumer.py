@@ -23,6 +23,7 @@ from consumers.aggregate import compile_rollups
 from consumers.batch import prepare
 from consumers.flush import Flusher
 from consumers.main import run
+from consumers.registry import registry_version
 from core.db import write_engine
 from core.settings import Settings
 from schemas.envelope import pack, unpack
@@ -91,7 +92,8 @@ async def test_a_zombie_batch_is_fenced_and_changes_nothing(migrated: Settings) 
             )
         finally:
             await conn.close()
-        flusher = Flusher(engine, settings.consumer_group, plans)
+        version = await registry_version(engine, settings.rollups)
+        flusher = Flusher(engine, settings.consumer_group, plans, version=version)
         fenced_before = REGISTRY.get_sample_value("tally_consumer_fenced_total") or 0.0
 
         stale = prepare(polled, {(topic, 0): 5, (topic, 1): 3}, plans)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from core.migrate import migrate
+from core.registry import RollupChanged
 from core.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -19,7 +22,8 @@ async def test_migrate_creates_tables_indexes_and_topics(settings: Settings) -> 
     conn = await asyncpg.connect(settings.postgres_url)
     try:
         tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
-        assert tables == {"tally_offsets", "tally_api_keys", "agg_events_by_type", "agg_page_views"}
+        assert tables == {"tally_offsets", "tally_api_keys", "tally_rollups", "tally_meta", "tally_rollup_starts",
+                          "agg_events_by_type", "agg_page_views"}
         key_cols = {
             r["column_name"]: (r["data_type"], r["is_nullable"])
             for r in await conn.fetch(
@@ -72,3 +76,43 @@ async def test_migrate_creates_tables_indexes_and_topics(settings: Settings) -> 
         assert sorted(len(t["partitions"]) for t in described) == [4, 4]
     finally:
         await admin.close()
+
+
+def _rollups_file(tmp: Path, body: str) -> Path:
+    path = tmp / f"rollups-{abs(hash(body))}.toml"
+    path.write_text(body)
+    return path
+
+
+BY_TYPE = '[[rollup]]\nname = "by_type"\ndimensions = ["type"]\nmeasures = ["count"]\n'
+BY_SOURCE = '[[rollup]]\nname = "by_source"\ndimensions = ["source"]\nmeasures = ["count"]\n'
+
+
+async def test_the_registry_adds_retires_revives_and_refuses_changes(settings: Settings, tmp_path: Path) -> None:
+    async def registry() -> tuple[int, dict[str, bool]]:
+        conn = await asyncpg.connect(settings.postgres_url)
+        try:
+            version = await conn.fetchval("SELECT value FROM tally_meta WHERE key = 'rollups_version'")
+            rows = await conn.fetch("SELECT name, retired_at IS NULL AS active FROM tally_rollups")
+        finally:
+            await conn.close()
+        return version, {r["name"]: r["active"] for r in rows}
+
+    def with_file(body: str) -> Settings:
+        return settings.model_copy(update={"rollups_file": _rollups_file(tmp_path, body)})
+
+    await migrate(with_file(BY_TYPE))
+    assert await registry() == (1, {"by_type": True})
+    await migrate(with_file(BY_TYPE))  # nothing changed: the version stays
+    assert await registry() == (1, {"by_type": True})
+    await migrate(with_file(BY_TYPE + BY_SOURCE))  # added
+    assert await registry() == (2, {"by_type": True, "by_source": True})
+    await migrate(with_file(BY_SOURCE))  # removed from the file: retired, table kept
+    assert await registry() == (3, {"by_type": False, "by_source": True})
+    await migrate(with_file(BY_TYPE + BY_SOURCE))  # back again
+    assert await registry() == (4, {"by_type": True, "by_source": True})
+
+    changed = BY_TYPE.replace('["type"]', '["type", "source"]') + BY_SOURCE
+    with pytest.raises(RollupChanged, match=r"by_type changed .* \(e.g. by_type_v2\).*`tally backfill by_type_v2 --from"):
+        await migrate(with_file(changed))
+    assert await registry() == (4, {"by_type": True, "by_source": True})  # nothing was touched
