@@ -143,9 +143,6 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             await consume(runner, stop)
         except Stopped as exc:
             log.warning("stopped before the work in hand was done (nothing of it committed): %s", exc)
-        except StaleRollups as exc:
-            log.error("%s", exc)
-            raise SystemExit(3) from None
         finally:
             app.state.draining = True
             if runner is not None:
@@ -156,7 +153,17 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     log.info("consumer stopped")
 
 
+def serve(settings: Settings) -> int:
+    """Run until stopped; the exit status. 3: this rollups file is stale, redeploy rather than restart."""
+    try:
+        asyncio.run(run(settings))
+    except StaleRollups as exc:
+        log.error("%s", exc)
+        return 3
+    return 0
+
+
 def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(settings))
+    raise SystemExit(serve(settings))

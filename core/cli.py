@@ -60,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     sub.add_parser("consume", help="run one consumer against configured servers")
     sub.add_parser("migrate", help="create topics, the offsets table and every rollup table")
+    backfill = sub.add_parser("backfill", help="fill a new rollup's past from the topic, exactly once")
+    backfill.add_argument("rollup", help="the rollup's name in the rollups file")
+    backfill.add_argument(
+        "--from", dest="since", default=None, help="earliest (default), ISO 8601 with an offset, or relative like -7d"
+    )
+    backfill.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the consumers to apply the rollup once on every partition",
+    )
     keys = sub.add_parser("keys", help="create, list and revoke API keys (needs TALLY_POSTGRES_URL)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print it; it is shown only this once")
@@ -111,11 +122,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             _serve("query.app:app_from_env", settings, settings.query_port, args.workers)
         elif args.command == "consume":
             consumer = importlib.import_module("consumers.main")
-            asyncio.run(consumer.run(settings))
+            sys.exit(consumer.serve(settings))
         elif args.command == "migrate":
             from core.migrate import migrate
 
             asyncio.run(migrate(settings))
+        elif args.command == "backfill":
+            tool = importlib.import_module("consumers.backfill")
+            sys.exit(asyncio.run(tool.run(settings, args.rollup, args.since, args.wait)))
         elif args.command == "keys":
             try:
                 asyncio.run(_keys(settings, args))
