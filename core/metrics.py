@@ -80,6 +80,22 @@ query_computations = Counter(
 lag_probe_seconds = Histogram(
     "tally_query_lag_probe_seconds", "Time to measure lag for every partition", buckets=_LATENCY
 )
+# Lag verdicts from the query service's sampler: -1 UNKNOWN, 0 OK, 1 WARN, 2 STALL, 3 STOP (query.lag_verdict).
+consumer_status = Gauge(
+    "tally_consumer_status",
+    "Lag verdict per partition: -1 UNKNOWN, 0 OK, 1 WARN, 2 STALL, 3 STOP",
+    ["group", "topic", "partition"],
+    multiprocess_mode="livemax",
+)
+consumer_group_status = Gauge(
+    "tally_consumer_group_status",
+    "Lag verdict of the group (its worst partition): -1 UNKNOWN, 0 OK, 1 WARN, 2 STALL, 3 STOP",
+    ["group", "topic"],
+    multiprocess_mode="livemax",
+)
+lag_sample_failures = Counter(
+    "tally_query_lag_sample_failures_total", "Lag observations that failed (Kafka or Postgres did not answer)"
+)
 db_pool_in_use = Gauge(
     "tally_db_pool_connections_in_use", "Checked-out Postgres connections", ["service"], multiprocess_mode="livesum"
 )

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     cache_stale_seconds: float = 60.0
     cache_closed_fresh_seconds: float = 3_600.0
     cursor_secret: str = DEV_CURSOR_SECRET
+    # Lag verdicts (query): an observation every lag_sample_seconds, the last lag_window_samples kept.
+    lag_sample_seconds: float = Field(5.0, gt=0)
+    lag_window_samples: int = Field(10, ge=2)
 
     # Embedded dev stack (`tally dev`).
     dev_dir: Path = Path(".tally")

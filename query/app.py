@@ -18,6 +18,7 @@ from core.settings import Settings, get_settings
 from query.cache import QueryCache
 from query.catalog import Catalog
 from query.lag import LagProbe
+from query.lag_sampler import LagSampler
 from query.params import Limits
 from query.routes import router
 from query.state import QueryState, state
@@ -48,11 +49,13 @@ def create_app(settings: Settings) -> FastAPI:
         )
         redis = redis_client(str(settings.redis_url))
         lag = LagProbe(settings, engine)
+        sampler = LagSampler(lag, settings)
         keys = open_key_store(settings, app="tally-query")  # its own small pool: auth never waits on queries
         # A lock outlives the slowest query, so a crashed holder delays others by at most that.
         cache = QueryCache(redis, lock_ttl_ms=settings.statement_timeout_ms + 2_000)
         try:
             await lag.start()
+            sampler.start()
             yield QueryState(
                 settings=settings,
                 engine=engine,
@@ -61,10 +64,12 @@ def create_app(settings: Settings) -> FastAPI:
                 catalog=catalog,
                 limits=limits,
                 lag=lag,
+                lag_sampler=sampler,
                 keys=keys,
             )
         finally:
             try:
+                await sampler.stop()
                 await cache.drain()
                 await lag.close()
             finally:

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from sqlalchemy import MetaData, select
+from sqlalchemy import MetaData, extract, func, select
 
 from core import health, metrics
 from core.db import ReadEngine
@@ -72,13 +72,15 @@ class LagProbe:
             return False
         return await health.kafka_ok(c._client)
 
-    async def _stored_offsets(self) -> dict[int, int]:
-        stmt = select(_OFFSETS.c.partition, _OFFSETS.c.next_offset).where(
+    async def _stored_offsets(self) -> dict[int, tuple[int, float]]:
+        """Stored offset and seconds since it last moved, per partition (idle measured by Postgres's clock)."""
+        idle = extract("epoch", func.now() - _OFFSETS.c.updated_at)
+        stmt = select(_OFFSETS.c.partition, _OFFSETS.c.next_offset, idle).where(
             _OFFSETS.c.group_id == self._settings.consumer_group, _OFFSETS.c.topic == self._settings.topic
         )
         try:
             async with self._engine.connect() as conn:
-                return {int(p): int(o) for p, o in (await conn.execute(stmt)).all()}
+                return {int(p): (int(o), max(0.0, float(s))) for p, o, s in (await conn.execute(stmt)).all()}
         except OSError as exc:
             raise Unavailable("the database is unreachable", retry_after=1) from exc
 
@@ -100,7 +102,8 @@ class LagProbe:
             max_lag_seconds=max((p.lag_seconds for p in partitions), default=0.0),
         )
 
-    async def _measure(self, c: AIOKafkaConsumer, stored: dict[int, int]) -> list[PartitionLag]:
+    async def _measure(self, c: AIOKafkaConsumer, stored_rows: dict[int, tuple[int, float]]) -> list[PartitionLag]:
+        stored = {p: offset for p, (offset, _) in stored_rows.items()}
         topic = self._settings.topic
         deadline = time.monotonic() + self._timeout
         cluster = await asyncio.wait_for(c._client.fetch_all_metadata(), self._timeout)
@@ -147,6 +150,7 @@ class LagProbe:
                     stored_offset=stored.get(tp.partition),
                     lag_records=lag,
                     lag_seconds=round(seconds, 3),
+                    idle_seconds=round(stored_rows[tp.partition][1], 3) if tp.partition in stored_rows else None,
                 )
             )
         return out

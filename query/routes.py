@@ -201,9 +201,12 @@ def _respond(request: Request, entry: Entry, outcome: Outcome, fmt: str, rollup:
     "/v1/ops/lag",
     response_model=LagReport,
     tags=["ops"],
-    summary="Consumer lag per partition",
+    summary="Consumer lag and verdicts per partition",
     responses={503: {"model": Problem, "description": "Kafka or Postgres unreachable."}},
 )
 async def lag(request: Request) -> LagReport:
-    """End offset, stored offset, lag in records and in seconds (age of the oldest unapplied record)."""
-    return await state(request)["lag"].report()
+    """End offset, stored offset, lag in records and in seconds (age of the oldest unapplied record),
+    seconds since the stored offset moved, and a verdict (OK, WARN, STALL, STOP) per partition and for
+    the group, over the sampler's window of observations plus this measurement."""
+    st = state(request)
+    return st["lag_sampler"].judge(await st["lag"].report())

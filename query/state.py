@@ -13,6 +13,7 @@ from core.settings import Settings
 from query.cache import QueryCache
 from query.catalog import Catalog
 from query.lag import LagProbe
+from query.lag_sampler import LagSampler
 from query.params import Limits
 
 
@@ -24,6 +25,7 @@ class QueryState(TypedDict):
     catalog: Catalog
     limits: Limits
     lag: LagProbe
+    lag_sampler: LagSampler
     keys: KeyStore | None  # for `require_scope`; None when auth is off
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -76,12 +76,31 @@ class QueryResult(BaseModel):
     meta: QueryMeta
 
 
+LagStatus = Literal["OK", "WARN", "STALL", "STOP", "UNKNOWN"]
+_STATUS_DOC = (
+    "Verdict over the sliding window (README, Lag verdicts): OK; WARN the lag grew in every interval; "
+    "STALL the stored offset did not move across the window while records wait; STOP nothing applied for "
+    "longer than the window while records wait; UNKNOWN nothing observed yet."
+)
+
+
 class PartitionLag(BaseModel):
     partition: int
     end_offset: int
     stored_offset: int | None
     lag_records: int
     lag_seconds: float
+    idle_seconds: float | None = Field(
+        default=None, description="Seconds since the stored offset last moved (null when none is stored)."
+    )
+    status: LagStatus = Field(default="UNKNOWN", description=_STATUS_DOC)
+
+
+class LagWindow(BaseModel):
+    samples: int = Field(description="Observations kept per partition (TALLY_LAG_WINDOW_SAMPLES).")
+    sample_seconds: float = Field(description="Seconds between observations (TALLY_LAG_SAMPLE_SECONDS).")
+    seconds: float = Field(description="The window's length: samples x sample_seconds; STOP is idle for longer.")
+    observations: int = Field(description="Observations held now for the partition with the fewest.")
 
 
 class LagReport(BaseModel):
@@ -90,3 +109,5 @@ class LagReport(BaseModel):
     partitions: list[PartitionLag]
     total_lag_records: int
     max_lag_seconds: float
+    status: LagStatus = Field(default="UNKNOWN", description="The worst partition's verdict.")
+    window: LagWindow | None = None
