@@ -16,6 +16,7 @@ from schemas.envelope import ERROR_HEADER, EnvelopeError, unpack
 SOURCE_TOPIC_HEADER = "tally-source-topic"
 SOURCE_PARTITION_HEADER = "tally-source-partition"
 SOURCE_OFFSET_HEADER = "tally-source-offset"
+REPLAY_HEADER = "tally-replay-of"  # `<dlq topic>/<partition>/<offset>` on a record `tally dlq replay` re-submitted
 _OUR_HEADERS = frozenset({ERROR_HEADER, SOURCE_TOPIC_HEADER, SOURCE_PARTITION_HEADER, SOURCE_OFFSET_HEADER})
 MAX_ERROR_CHARS = 1000
 UNDECODABLE = "undecodable"  # the metric reason for records that are not envelopes

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from consumers.decode import DeadLetter, Record, dead_letter
+from consumers.decode import REPLAY_HEADER, DeadLetter, Record, dead_letter
 from schemas.envelope import REQUEST_ID_HEADER, SCHEMA_HEADER, VERSION, pack
 from schemas.events import SHORT_FIELDS, TYPE_PATTERN
 
@@ -62,7 +62,7 @@ def validate(record: Record, raw_events: Sequence[Any]) -> tuple[list[dict[str, 
         except Invalid as exc:
             value = next(pack([orjson.dumps(event)], _ENVELOPE_MAX_BYTES))
             headers = [(SCHEMA_HEADER, str(VERSION).encode())]
-            headers += [(k, v) for k, v in record.headers if k == REQUEST_ID_HEADER]
+            headers += [(k, v) for k, v in record.headers if k in (REQUEST_ID_HEADER, REPLAY_HEADER)]
             dead.append(dead_letter(record, value, exc.reason, str(exc), headers))
         else:
             good.append(event)

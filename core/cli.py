@@ -8,6 +8,7 @@ import asyncio
 import importlib
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -49,6 +50,20 @@ def _serve(app_path: str, settings: Settings, port: int, workers: int) -> None:
     )
 
 
+_RELATIVE_TIME = re.compile(r"^-\d+[smhdw]$")
+
+
+def _attach_relative_times(argv: Sequence[str]) -> list[str]:
+    """`--since -1h` as `--since=-1h`: argparse would take `-1h` for an option and refuse it."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--since", "--from") and _RELATIVE_TIME.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally", description="Tally: event-streaming analytics API.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +85,21 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="seconds to wait for the consumers to apply the rollup once on every partition",
+    )
+    dlq = sub.add_parser("dlq", help="inspect the dead-letter topic, or replay dead letters after a fix")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    since_help = "only dead letters written at or after WHEN: ISO 8601 with an offset, or relative like -1h"
+    inspect = dlq_sub.add_parser("inspect", help="print the last dead letters: where from, why, a value preview")
+    inspect.add_argument("--limit", type=int, default=20, metavar="N", help="how many, newest (default 20)")
+    inspect.add_argument("--since", metavar="WHEN", help=since_help)
+    inspect.add_argument("--json", action="store_true", help="one JSON object per dead letter and line")
+    replay = dlq_sub.add_parser(
+        "replay", help="re-submit dead letters to the event topic; resumes where the last run stopped"
+    )
+    replay.add_argument("--since", metavar="WHEN", help=since_help + "; older ones are passed over for good")
+    replay.add_argument("--dry-run", action="store_true", help="list what would be replayed; change nothing")
+    replay.add_argument(
+        "--include-replayed", action="store_true", help="also re-submit dead letters that came back from a replay"
     )
     keys = sub.add_parser("keys", help="create, list and revoke API keys (needs TALLY_POSTGRES_URL)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -99,7 +129,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_attach_relative_times(sys.argv[1:] if argv is None else argv))
     # `tally dev` runs without auth (DESIGN §7: optional in the dev stack); everything else has it on.
     overrides: dict[str, object] = {"env": "dev", "auth": False} if args.command == "dev" else {}
     try:
@@ -130,6 +160,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "backfill":
             tool = importlib.import_module("consumers.backfill")
             sys.exit(asyncio.run(tool.run(settings, args.rollup, args.since, args.wait)))
+        elif args.command == "dlq":
+            tools = importlib.import_module("consumers.dlq_tools")
+            if args.dlq_command == "inspect":
+                code = asyncio.run(tools.inspect(settings, limit=args.limit, since=args.since, json_lines=args.json))
+            else:
+                code = asyncio.run(
+                    tools.replay_command(
+                        settings, since=args.since, dry_run=args.dry_run, include_replayed=args.include_replayed
+                    )
+                )
+            sys.exit(code)
         elif args.command == "keys":
             try:
                 asyncio.run(_keys(settings, args))
