@@ -73,8 +73,10 @@ async def test_waiting_records_stall_then_stop_and_a_consumer_brings_them_back_t
         assert first["total_lag_records"] == N
         assert {p["partition"]: p["lag_records"] for p in first["partitions"]} == ends
         assert all(p["stored_offset"] is None and p["idle_seconds"] is None for p in first["partitions"])
-        assert first["status"] == "OK"  # one observation is not evidence of anything yet
-        assert first["window"] == {"samples": 50, "sample_seconds": 0.2, "seconds": 10.0, "observations": 0}
+        window = first["window"]
+        assert (window["samples"], window["sample_seconds"], window["seconds"]) == (50, 0.2, 10.0)
+        # Fewer than two sampled observations are no evidence of anything yet (a slow first probe may see one).
+        assert first["status"] == ("OK" if window["observations"] < 2 else "STALL")
 
         stalled = await lag_until(http, lambda r: r["status"] != "OK")
         assert stalled["status"] == "STALL", stalled
