@@ -23,7 +23,7 @@ async def test_migrate_creates_tables_indexes_and_topics(settings: Settings) -> 
     try:
         tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
         assert tables == {"tally_offsets", "tally_api_keys", "tally_rollups", "tally_meta", "tally_rollup_starts",
-                          "agg_events_by_type", "agg_page_views"}
+                          "tally_seen_events", "agg_events_by_type", "agg_page_views"}
         key_cols = {
             r["column_name"]: (r["data_type"], r["is_nullable"])
             for r in await conn.fetch(
@@ -113,6 +113,7 @@ async def test_the_registry_adds_retires_revives_and_refuses_changes(settings: S
     assert await registry() == (4, {"by_type": True, "by_source": True})
 
     changed = BY_TYPE.replace('["type"]', '["type", "source"]') + BY_SOURCE
-    with pytest.raises(RollupChanged, match=r"by_type changed .* \(e.g. by_type_v2\).*`tally backfill by_type_v2 --from"):
+    refusal = r"by_type changed .* \(e.g. by_type_v2\).*`tally backfill by_type_v2 --from"
+    with pytest.raises(RollupChanged, match=refusal):
         await migrate(with_file(changed))
     assert await registry() == (4, {"by_type": True, "by_source": True})  # nothing was touched
