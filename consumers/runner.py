@@ -3,8 +3,14 @@
 Invariant: between steps, nothing is held in memory that Postgres does not have.
 Every poll is applied (or refused) before the next, so a revoked partition needs
 no flush, and `expected` (the stored next offset of each assigned partition) is
-all the state there is. A lock makes a whole step and a rebalance callback
+all the state there is. A lock makes applying a poll and a rebalance callback
 mutually exclusive, so the positions cannot change under a batch being applied.
+The poll itself stays outside the lock: aiokafka's getmany waits, past its
+timeout, for a rebalance in progress to finish, and the rebalance waits for our
+revoke callback; holding the lock across getmany deadlocks the whole group
+(aio-libs/aiokafka#335). What a poll returned is checked against the positions
+under the lock: records of partitions revoked meanwhile are dropped, and records
+below a re-loaded stored offset are skipped (batch.prepare).
 """
 
 from __future__ import annotations
@@ -103,10 +109,10 @@ class Runner:
 
     async def step(self) -> None:
         """Poll once and apply what came back, all in one Postgres transaction."""
+        polled = await self.consumer.getmany(  # not under the lock: see the module docstring
+            timeout_ms=self.settings.batch_max_wait_ms, max_records=self.settings.batch_max_records
+        )
         async with self.lock:
-            polled = await self.consumer.getmany(
-                timeout_ms=self.settings.batch_max_wait_ms, max_records=self.settings.batch_max_records
-            )
             if polled:
                 await self._apply({_tp(tp): records for tp, records in polled.items()})
             self._observe_lag()
