@@ -14,6 +14,7 @@ from typing import Any
 
 from consumers.aggregate import Aggregates, RollupPlan, aggregate
 from consumers.decode import DeadLetter, Record, decode
+from consumers.dedup import Candidates
 from consumers.validate import validate
 
 TP = tuple[str, int]  # (topic, partition); aiokafka's TopicPartition is such a tuple
@@ -39,12 +40,18 @@ class PreparedBatch:
     first_timestamp_ms: dict[TP, int] = field(default_factory=dict)  # per partition, its first record's
     gaps: dict[TP, tuple[int, int]] = field(default_factory=dict)  # offsets [a, b) absent from the log
     unknown: list[TP] = field(default_factory=list)  # partitions polled before their offset was loaded
+    candidates: Candidates | None = None  # with de-duplication on: the events and their ids
+    duplicates: int = 0  # events not counted because their id was seen (set by the flush)
 
 
 def prepare(
-    polled: Mapping[Any, Sequence[Record]], expected: Mapping[Any, int], plans: Sequence[RollupPlan]
+    polled: Mapping[Any, Sequence[Record]],
+    expected: Mapping[Any, int],
+    plans: Sequence[RollupPlan],
+    *,
+    dedup: bool = False,
 ) -> PreparedBatch:
-    """Everything one Postgres transaction needs for this poll."""
+    """Everything one Postgres transaction needs for this poll (and, with `dedup`, the events' ids)."""
     batch = PreparedBatch()
     events: list[dict[str, Any]] = []
     for tp in sorted(polled):
@@ -72,4 +79,6 @@ def prepare(
             batch.dead.extend(bad)
     batch.events = len(events)
     batch.aggregates = aggregate(plans, events)
+    if dedup:
+        batch.candidates = Candidates.of(events)
     return batch

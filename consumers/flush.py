@@ -6,6 +6,8 @@ partition's row did not match, another consumer has applied those records (we
 are a zombie after a rebalance): everything rolls back and the caller re-reads
 the stored offsets. Only then are the rollup rows upserted, so the counts and
 the offsets always move together: the exactly-once effect of DESIGN §5.
+With TALLY_DEDUP the batch's event ids are claimed in the same transaction, between
+the two (consumers.dedup_store), so the claims move with them too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumers.aggregate import RollupPlan
 from consumers.batch import PreparedBatch
+from consumers.dedup_store import Claimed, Dedup
 from consumers.retry import postgres_transient, retrying
 from consumers.sql import ADVANCE_OFFSET, RECORD_STARTS, Upsert, upsert
 from core import metrics
@@ -41,6 +44,7 @@ class Flusher:
         *,
         version: int = 0,
         record_starts: bool = True,
+        dedup: Dedup | None = None,
     ) -> None:
         self.engine = engine
         self.group_id = group_id
@@ -48,9 +52,11 @@ class Flusher:
         self.version = version  # the rollup registry version this flusher applies for
         self.record_starts = record_starts
         self._started: set[tuple[str, int]] = set()  # partitions whose rollup starts are recorded
+        self.dedup = dedup  # claims event ids in the same transaction (TALLY_DEDUP)
 
     async def apply(self, batch: PreparedBatch) -> bool:
         """One attempt: True if committed, False if fenced (rolled back, nothing changed)."""
+        opened = time.monotonic()
         try:
             async with self.engine.begin() as conn:
                 for adv in sorted(batch.advances, key=lambda a: (a.topic, a.partition)):
@@ -67,8 +73,14 @@ class Flusher:
                     )
                     if result.rowcount != 1:
                         raise _Fenced
+                aggregates = batch.aggregates
+                claimed: Claimed | None = None
+                if self.dedup is not None and batch.candidates is not None:
+                    plans = [u.plan for u in self.upserts]
+                    claimed = await self.dedup.claim(conn, batch.candidates, aggregates, plans, opened=opened)
+                    aggregates, batch.duplicates = claimed.aggregates, claimed.duplicates
                 for up in self.upserts:
-                    cells = batch.aggregates.get(up.plan.name)
+                    cells = aggregates.get(up.plan.name)
                     if cells:
                         await conn.execute(up.statement, up.params(cells))
                 starting = [a for a in batch.advances if (a.topic, a.partition) not in self._started]
@@ -83,6 +95,8 @@ class Flusher:
                             "rollups": [u.plan.name for u in self.upserts],
                         },
                     )
+                if claimed is not None:
+                    claimed.check_commit()  # last, right before COMMIT
         except _Fenced:
             return False
         self._started.update((a.topic, a.partition) for a in starting)
@@ -95,6 +109,8 @@ class Flusher:
         offsets have moved, so the retry is fenced and applies nothing.
         """
         started = time.perf_counter()
+        if self.dedup is not None:
+            await retrying(self.dedup.maintain, what="dedup partitions", transient=postgres_transient, stop=stop)
         applied = await retrying(lambda: self.apply(batch), what="flush", transient=postgres_transient, stop=stop)
         if not applied:
             metrics.consumer_fenced.inc()
@@ -104,6 +120,8 @@ class Flusher:
             )
             return False
         metrics.consumer_batch_seconds.observe(time.perf_counter() - started)
+        if batch.duplicates:
+            metrics.consumer_duplicates.inc(batch.duplicates)
         for up in self.upserts:
             rows = len(batch.aggregates.get(up.plan.name, ()))
             if rows:

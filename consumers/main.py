@@ -146,6 +146,7 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         finally:
             app.state.draining = True
             if runner is not None:
+                await runner.close()
                 await runner.consumer.stop()
             await dlq.stop()
             await ops.stop()

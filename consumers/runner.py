@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from consumers import lag
 from consumers.aggregate import RollupPlan
 from consumers.batch import TP, prepare
+from consumers.dedup_store import Dedup
 from consumers.dlq import DeadLetterSink
 from consumers.flush import Flusher
 from consumers.offsets import load_offsets
@@ -60,7 +61,8 @@ class Runner:
         self.engine = engine
         self.dlq = dlq
         self.plans = tuple(plans)
-        self.flusher = Flusher(engine, settings.consumer_group, self.plans)
+        dedup = Dedup(engine, settings.dedup_window_hours) if settings.dedup else None
+        self.flusher = Flusher(engine, settings.consumer_group, self.plans, dedup=dedup)
         self.stop = stop
         self.expected: dict[TP, int] = {}
         self.lock = asyncio.Lock()
@@ -119,7 +121,9 @@ class Runner:
 
     async def _apply(self, polled: dict[TP, list[Any]]) -> None:
         # Decoding and aggregating is CPU work: a thread keeps heartbeats and /metrics answering.
-        batch = await asyncio.to_thread(prepare, polled, dict(self.expected), self.plans)
+        batch = await asyncio.to_thread(
+            prepare, polled, dict(self.expected), self.plans, dedup=self.flusher.dedup is not None
+        )
         if batch.unknown:
             log.info("records for partitions whose offset is not loaded yet: %s; seeking", batch.unknown)
             await self._resync(batch.unknown)
@@ -147,8 +151,13 @@ class Runner:
             return
         for adv in batch.advances:
             self.expected[(adv.topic, adv.partition)] = adv.new
-        metrics.consumer_events_applied.inc(batch.events)
+        metrics.consumer_events_applied.inc(batch.events - batch.duplicates)
         metrics.consumer_batch_records.observe(batch.events)
+
+    async def close(self) -> None:
+        """Stop background work (dedup partition expiry); the consumer itself is stopped by `run`."""
+        if self.flusher.dedup is not None:
+            await self.flusher.dedup.close()
 
     def _observe_lag(self) -> None:
         assigned = {_tp(p) for p in self.consumer.assignment()}

@@ -62,6 +62,9 @@ consumer_batch_seconds = Histogram(
 consumer_events_applied = Counter("tally_consumer_events_applied_total", "Events counted into rollups")
 consumer_rows_upserted = Counter("tally_consumer_rows_upserted_total", "Rollup rows upserted", ["rollup"])
 consumer_fenced = Counter("tally_consumer_fenced_total", "Batches refused because the stored offset moved")
+consumer_duplicates = Counter(
+    "tally_consumer_duplicates_total", "Events not counted: their event_id was already counted (TALLY_DEDUP)"
+)
 consumer_rebalances = Counter("tally_consumer_rebalances_total", "Partition assignments received")
 dlq_records = Counter("tally_dlq_records_total", "Records or events sent to the dead-letter topic", ["reason"])
 

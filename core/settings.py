@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     batch_max_wait_ms: int = 250
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
+    dedup: bool = False  # drop events whose event_id was already counted (tally_seen_events)
+    dedup_window_hours: int = Field(24, ge=1)  # an event_id is remembered at least this long
 
     # Query and cache (DESIGN §6).
     default_limit: int = 1_000

@@ -8,6 +8,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    Date,
     DateTime,
     Index,
     Integer,
@@ -20,7 +21,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 
 from schemas.rollups import RollupSpec
 
@@ -119,11 +120,35 @@ def registry_tables(metadata: MetaData) -> None:
     )
 
 
+def seen_events_table(metadata: MetaData) -> Table:
+    """Event ids already counted, for `TALLY_DEDUP`: one partition per UTC day of claiming.
+
+    Keyed (event_id, day), so a claim's ON CONFLICT meets any other claim of the same
+    id on the same day, and a look-up by id probes one index entry per day. Range
+    partitioned by day so that expiring the window is `DETACH PARTITION ...
+    CONCURRENTLY` plus `DROP TABLE` of a whole day, which neither blocks the
+    consumers' claims nor leaves dead tuples for vacuum, where a DELETE by time would
+    rewrite every expired id. Partitions are created and dropped by the consumers
+    (consumers.dedup_store, which also explains why claims are exact); `tally migrate`
+    creates only this parent. `seen_at` is for people looking at the table.
+    """
+    return Table(
+        "tally_seen_events",
+        metadata,
+        Column("event_id", UUID(as_uuid=False), nullable=False),
+        Column("seen_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("day", Date, nullable=False),
+        PrimaryKeyConstraint("event_id", "day"),
+        postgresql_partition_by="RANGE (day)",
+    )
+
+
 def build_metadata(specs: Iterable[RollupSpec]) -> MetaData:
     metadata = MetaData()
     offsets_table(metadata)
     api_keys_table(metadata)
     registry_tables(metadata)
+    seen_events_table(metadata)
     for spec in specs:
         rollup_table(spec, metadata)
     return metadata
