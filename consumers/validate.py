@@ -4,6 +4,12 @@ Ingest already normalized every event, so this only guards against what another
 producer (or a bug) could put in the topic: each check here is one the
 aggregation relies on (a `ts` that buckets, string short fields, an object for
 `properties`). Pure.
+
+Deliberately absent: any check of `ts` against the clock. Ingest applied the
+lateness and future windows when it accepted the event, and its 202 promised that
+the event counts; a consumer that lags past the lateness window (or whose clock
+disagrees with ingest's) counts it in its own event-time bucket all the same,
+never in the DLQ.
 """
 
 from __future__ import annotations
