@@ -65,6 +65,7 @@ class EmbeddedServer:
     url: str
     user: str | None = None
     log_path: Path | None = None
+    ready_check: list[str] | None = None  # exits 0 once the server answers (an open port may be too early)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self, timeout: float = 30.0) -> EmbeddedServer:
@@ -83,6 +84,11 @@ class EmbeddedServer:
         if log is not subprocess.DEVNULL:
             log.close()  # type: ignore[union-attr]
         wait_for_port(self.port, timeout, self.process)
+        deadline = time.monotonic() + timeout
+        while self.ready_check and subprocess.run(self.ready_check, capture_output=True, check=False).returncode:  # noqa: S603
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise EmbeddedError(f"{self.name} listens on {self.port} but does not accept connections")
+            time.sleep(0.05)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -178,7 +184,11 @@ def postgres(data_dir: Path, port: int, *, durable: bool = True) -> EmbeddedServ
     if not durable:
         argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    return EmbeddedServer("postgres", port, argv, url, user=user, log_path=data_dir.parent / "postgres.log")
+    # Postgres opens its port before it accepts connections (e.g. while recovering after a crash).
+    ready = [str(POSTGRES_BIN_PATH / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+    return EmbeddedServer(
+        "postgres", port, argv, url, user=user, log_path=data_dir.parent / "postgres.log", ready_check=ready
+    )
 
 
 def _prepare_pg_user(data_dir: Path, bin_path: Path) -> str:
