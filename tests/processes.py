@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,20 @@ class TallyProcess:
                 env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=devstack._die_with_parent,
             )
         devstack.wait_for_port(self.port, timeout, self.process)
+        # Listening is not ready: ingest connects to Kafka in the background, a consumer joins later.
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"{self.command} never became ready; log:\n{self.log()[-2000:]}")
+            time.sleep(0.05)
         return self
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL: no chance to finish a batch or leave the group."""
