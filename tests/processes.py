@@ -33,9 +33,10 @@ class TallyProcess:
                 env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=devstack._die_with_parent,
             )
         devstack.wait_for_port(self.port, timeout, self.process)
-        # Listening is not ready: ingest connects to Kafka in the background, a consumer joins later.
+        # Listening is not ready: ingest connects to Kafka in the background. (A consumer is ready
+        # only once it has joined its group, which tests that kill consumers must not wait for.)
         deadline = time.monotonic() + timeout
-        while not self._ready():
+        while self.command != "consume" and not self._ready():
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise RuntimeError(f"{self.command} never became ready; log:\n{self.log()[-2000:]}")
             time.sleep(0.05)
