@@ -82,6 +82,11 @@ async def produce(settings: Settings, records: Sequence[tuple[int, bytes]]) -> d
     return ends
 
 
+def spread(values: list[bytes], partitions: int) -> list[tuple[int, bytes]]:
+    """Records round-robin over the partitions, as (partition, value)."""
+    return [(i % partitions, v) for i, v in enumerate(values)]
+
+
 def consumer_settings(settings: Settings, **overrides: Any) -> Settings:
     """Settings for one consumer process: its own metrics port."""
     return settings.model_copy(update={"consumer_metrics_port": devstack.free_port(), **overrides})

@@ -26,6 +26,7 @@ from tests.integration.consumer_helpers import (
     make_events,
     produce,
     running,
+    spread,
     wait_for_offsets,
 )
 
@@ -33,10 +34,6 @@ pytestmark = pytest.mark.integration
 
 BY_TYPE = '[[rollup]]\nname = "by_type"\ndimensions = ["type"]\nmeasures = ["count"]\n'
 BY_SOURCE = '[[rollup]]\nname = "by_source"\ndimensions = ["source"]\nmeasures = ["count"]\n'
-
-
-def spread(values: list[bytes], partitions: int) -> list[tuple[int, bytes]]:
-    return [(i % partitions, v) for i, v in enumerate(values)]
 
 
 async def counts(settings: Settings, table: str, column: str) -> dict[str, int]:

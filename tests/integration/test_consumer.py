@@ -35,16 +35,13 @@ from tests.integration.consumer_helpers import (
     now_ms,
     produce,
     running,
+    spread,
     stored_offsets,
     table,
     wait_for_offsets,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def spread(values: list[bytes], partitions: int) -> list[tuple[int, bytes]]:
-    return [(i % partitions, v) for i, v in enumerate(values)]
 
 
 async def test_rollups_equal_the_events_exactly_and_offsets_reach_the_end(migrated: Settings) -> None:
