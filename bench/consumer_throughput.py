@@ -170,7 +170,7 @@ class Applied:
 async def consumer_process(settings: Settings, ends: dict[int, int], batch: int, tmp: Path) -> Applied:
     """One `tally consume` process over the whole topic; events/s from its first commit to its last."""
     await migrate_database(settings)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}, **settings.to_env()}
+    env = settings.process_env()
     with (tmp / f"consume-{settings.consumer_group}.log").open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "core.cli", "consume", env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ NO_CACHE = {"cache-control": "no-cache"}
 
 
 def spawn(command: str, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}, **settings.to_env()}
+    env = settings.process_env()
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-m", "core.cli", command], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=devstack._die_with_parent)

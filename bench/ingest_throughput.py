@@ -93,7 +93,7 @@ def main() -> None:
     try:
         asyncio.run(ensure_topics(settings, [settings.topic]))
         bodies = make_bodies(args.batch)
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}, **settings.to_env()}
+        env = settings.process_env()
         log = (tmp / "ingest.log").open("wb")
         import subprocess
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -67,7 +66,7 @@ def main() -> None:
     server = None
     try:
         asyncio.run(ensure_topics(settings, [settings.topic]))
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}, **settings.to_env()}
+        env = settings.process_env()
         server = subprocess.Popen([sys.executable, "-m", "core.cli", "ingest"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   preexec_fn=devstack._die_with_parent)

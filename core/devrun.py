@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -62,14 +61,9 @@ async def forget_offsets(settings: Settings) -> None:
 
 
 def spawn(command: str, settings: Settings) -> subprocess.Popen[bytes]:
-    env = {**_base_env(), **settings.to_env()}
     return subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "core.cli", command], env=env, preexec_fn=devstack._die_with_parent
+        [sys.executable, "-m", "core.cli", command], env=settings.process_env(), preexec_fn=devstack._die_with_parent
     )
-
-
-def _base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
 
 
 async def run_dev(settings: Settings, *, demo: bool, demo_rate: int) -> None:

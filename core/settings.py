@@ -6,6 +6,7 @@ and the dev stack can hand each process its own.
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -135,6 +136,12 @@ class Settings(BaseSettings):
         """Refuse the dev cursor secret outside dev and test (a known key signs forged cursors)."""
         if self.env == "prod" and self.cursor_secret == DEV_CURSOR_SECRET:
             raise SettingsError("set TALLY_CURSOR_SECRET: the default is only for env=dev or test")
+
+    def process_env(self) -> dict[str, str]:
+        """This process's environment with every TALLY_* variable replaced by these settings:
+        what a child process (a service, a CLI call, a benchmark's server) must be given."""
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+        return {**inherited, **self.to_env()}
 
     def to_env(self) -> dict[str, str]:
         """The settings as TALLY_* variables, for child processes."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -25,8 +24,7 @@ class TallyProcess:
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self, timeout: float = 60.0) -> TallyProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-        env.update(self.settings.to_env())
+        env = self.settings.process_env()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "core.cli", self.command, *self.args],

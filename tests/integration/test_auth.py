@@ -7,7 +7,6 @@ declared open here) without touching this file's checks.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -67,7 +66,7 @@ def failures(reason: str) -> float:
 
 
 def cli_env(settings: Settings) -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}, **settings.to_env()}
+    return settings.process_env()
 
 
 async def tally(settings: Settings, *args: str) -> tuple[int, str, str]:

@@ -4,7 +4,6 @@ apply it from a recorded start, and `tally backfill` fills exactly the past befo
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import subprocess
 import sys
@@ -50,7 +49,7 @@ def expected(events: list[dict[str, Any]], field: str) -> dict[str, int]:
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}, **settings.to_env()}
+    env = settings.process_env()
     return subprocess.run([sys.executable, "-m", "core.cli", *args], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
 

@@ -9,7 +9,6 @@ headers such a consumer writes.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import sys
 import time
@@ -40,8 +39,7 @@ pytestmark = pytest.mark.integration
 
 async def tally(settings: Settings, *args: str) -> tuple[int, str, str]:
     """`tally <args>` in a child process configured by TALLY_* variables only."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-    env.update(settings.to_env())
+    env = settings.process_env()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "core.cli", *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
