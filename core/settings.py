@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     default_limit: int = 1_000
     max_limit: int = 10_000
     max_offset: int = 100_000
+    max_buckets: int = Field(100_000, ge=1)  # buckets one query may group by (range ÷ granularity)
+    max_export_rows: int = Field(1_000_000, ge=1)  # rows of one streamed CSV export
+    max_exports: int = Field(2, ge=1)  # streamed exports running at once per query process
     statement_timeout_ms: int = 5_000
     db_pool_size: int = 10
     cache_prefix: str = "tally:"

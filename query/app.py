@@ -17,6 +17,7 @@ from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
 from query.cache import QueryCache
 from query.catalog import Catalog
+from query.export import ExportGate
 from query.lag import LagProbe
 from query.lag_sampler import LagSampler
 from query.params import Limits
@@ -38,7 +39,13 @@ def create_app(settings: Settings) -> FastAPI:
     settings.require(*REQUIRED)
     settings.require_secrets()
     catalog = Catalog(settings.rollups)  # a broken rollups file fails here, before serving
-    limits = Limits(default_limit=settings.default_limit, max_limit=settings.max_limit, max_offset=settings.max_offset)
+    limits = Limits(
+        default_limit=settings.default_limit,
+        max_limit=settings.max_limit,
+        max_offset=settings.max_offset,
+        max_buckets=settings.max_buckets,
+        max_export_rows=settings.max_export_rows,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[QueryState]:
@@ -63,6 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
                 cache=cache,
                 catalog=catalog,
                 limits=limits,
+                exports=ExportGate(settings.max_exports),
                 lag=lag,
                 lag_sampler=sampler,
                 keys=keys,

@@ -5,7 +5,7 @@ refused at ingest), so its answer is immutable and cached long. An open range is
 fresh briefly, then served stale while one worker refreshes it.
 
 A stored entry is `orjson(header) + b"\\n" + body`, so a hit returns the body
-bytes exactly as they were rendered, without parsing or re-serializing them.
+bytes as they were rendered, without parsing or re-serializing them.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def ttl_for(
 
 
 # Bump when the rendered bytes change shape, so a rolling deploy never serves old-format bodies.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def cache_key(prefix: str, identity: bytes) -> str:
@@ -62,6 +62,8 @@ class Entry:
     next_cursor: str | None
     rows: int
     ttl: Ttl
+    query_ms: float = 0.0  # Postgres time when it was computed
+    total: int | None = None  # `total=true`
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.computed_at)
@@ -84,6 +86,8 @@ def pack(entry: Entry) -> bytes:
         "rows": entry.rows,
         "fresh": entry.ttl.fresh,
         "stale": entry.ttl.stale,
+        "ms": entry.query_ms,
+        "total": entry.total,
     }
     return orjson.dumps(header) + b"\n" + entry.body
 
@@ -103,14 +107,17 @@ def unpack(raw: bytes) -> Entry | None:
             next_cursor=h["nc"],
             rows=int(h["rows"]),
             ttl=Ttl(float(h["fresh"]), float(h["stale"])),
+            query_ms=float(h["ms"]),
+            total=None if h["total"] is None else int(h["total"]),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
 
 
 def etag_for(body: bytes) -> str:
-    """A strong validator: the hash of the exact bytes served."""
-    return f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    """A weak validator over the rendered data: served bodies also carry per-response
+    meta (cache outcome, age), so they are equivalent, not byte-identical."""
+    return f'W/"{hashlib.sha256(body).hexdigest()[:32]}"'
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:

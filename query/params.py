@@ -12,13 +12,24 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
+from decimal import Decimal, InvalidOperation
 from typing import Literal
+from zoneinfo import ZoneInfo
 
 import orjson
 
 from core.problems import BadRequest
-from query.timerange import TimeExpr, TimeRange, align, format_instant, parse_time
+from query.timerange import (
+    LOCAL_GRANULARITIES,
+    TimeExpr,
+    TimeRange,
+    align,
+    format_instant,
+    offsets_fit,
+    parse_time,
+    parse_zone,
+)
 from schemas.rollups import GRANULARITIES, RollupSpec, granularity_rank
 
 Format = Literal["json", "columns", "csv"]
@@ -27,17 +38,22 @@ PARAMETERS = (
     "from",
     "to",
     "granularity",
+    "tz",
     "fields",
-    "filter[<dimension>]",
+    "filter[<column>]",
     "order",
     "limit",
     "cursor",
     "offset",
     "format",
+    "total",
 )
 _SINGLE = frozenset(p for p in PARAMETERS if not p.startswith("filter"))
 _FILTER = re.compile(r"^filter\[(.*)\]$", re.DOTALL)
 _UINT = re.compile(r"^[0-9]{1,12}$")
+_BOUND = re.compile(r"^(gt|gte|lt|lte|eq):(-?[0-9]{1,30}(?:\.[0-9]{1,30})?)$")
+_COMPARE = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "="}
+_BOOL = {"true": True, "false": False, "1": True, "0": False}
 DEFAULT_FROM = "-24h"
 DEFAULT_TO = "now"
 MAX_CURSOR_CHARS = 4_096
@@ -50,6 +66,8 @@ class Limits:
     default_limit: int
     max_limit: int
     max_offset: int
+    max_buckets: int = 100_000
+    max_export_rows: int = 1_000_000
     max_filter_values: int = 1_000
 
 
@@ -61,6 +79,21 @@ class OrderItem:
     @property
     def spelled(self) -> str:
         return f"-{self.column}" if self.descending else self.column
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """One side of a range filter on a merged measure: `op` is a key of `COMPARISONS`."""
+
+    op: str
+    value: Decimal
+
+    @property
+    def spelled(self) -> str:
+        return f"{self.op}:{self.value}"
+
+
+COMPARISONS = tuple(_COMPARE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +109,15 @@ class RollupQuery:
     group: tuple[str, ...]
     measures: tuple[str, ...]
     filters: tuple[tuple[str, tuple[str, ...]], ...]
+    bounds: tuple[tuple[str, tuple[Bound, ...]], ...]
     order: tuple[OrderItem, ...]
     limit: int
     offset: int
     cursor: str | None
     format: Format
+    zone: str = "UTC"
+    total: bool = False
+    export: bool = False
 
     def _time_key(self, expr: TimeExpr, aligned: datetime) -> str:
         return expr.canonical if expr.relative else format_instant(aligned)
@@ -96,8 +133,10 @@ class RollupQuery:
             self.granularity,
             self._time_key(self.from_expr, self.range.start),
             self._time_key(self.to_expr, self.range.end),
+            self.zone,
             list(self.fields),
             [[d, list(v)] for d, v in self.filters],
+            self._bounds_key(),
             [o.spelled for o in self.order],
         ]
         return hashlib.sha256(orjson.dumps(ident)).hexdigest()[:32]
@@ -110,15 +149,30 @@ class RollupQuery:
                 self.granularity,
                 format_instant(self.range.start),
                 format_instant(self.range.end),
+                self.zone,
                 list(self.fields),
                 [[d, list(v)] for d, v in self.filters],
+                self._bounds_key(),
                 [o.spelled for o in self.order],
                 self.limit,
                 self.offset,
                 self.cursor,
                 self.format,
+                self.total,
             ]
         )
+
+    def _bounds_key(self) -> list[list[object]]:
+        return [[m, [b.spelled for b in bs]] for m, bs in self.bounds]
+
+    @property
+    def tzinfo(self) -> tzinfo:
+        return ZoneInfo(self.zone)
+
+    @property
+    def computed_measures(self) -> tuple[str, ...]:
+        """Selected measures, then those only filtered on: the grouped query must merge both."""
+        return tuple(dict.fromkeys((*self.measures, *(m for m, _ in self.bounds))))
 
     def with_range(self, range_: TimeRange) -> RollupQuery:
         return dataclasses.replace(self, range=range_)
@@ -189,19 +243,45 @@ def _fields(spec: RollupSpec, value: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(requested))
 
 
-def _filters(spec: RollupSpec, raw: dict[str, list[str]], limits: Limits) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    unknown = [d for d in raw if d not in spec.dimension_columns]
+def _filters(
+    spec: RollupSpec, raw: dict[str, list[str]], limits: Limits
+) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[tuple[str, tuple[Bound, ...]], ...]]:
+    """`filter[dimension]=a,b` (one of the values) and `filter[measure]=gte:10,lt:20` (a range)."""
+    unknown = [c for c in raw if c not in spec.dimension_columns and c not in spec.measure_columns]
     if unknown:
         raise BadRequest(
-            f"unknown filter dimension(s): {_show(unknown)}; filterable: {', '.join(spec.dimension_columns) or '-'}"
+            f"unknown filter column(s): {_show(unknown)}; dimensions: {', '.join(spec.dimension_columns) or '-'}; "
+            f"measures: {', '.join(spec.measure_columns)}"
         )
-    out = []
-    for dim in sorted(raw):
-        values = tuple(sorted(set(raw[dim])))
+    dimensions, measures = [], []
+    for column in sorted(raw):
+        if column in spec.measure_columns:
+            measures.append((column, _bounds(column, raw[column])))
+            continue
+        values = tuple(sorted(set(raw[column])))
         if len(values) > limits.max_filter_values:
-            raise BadRequest(f"filter[{dim}] has more than {limits.max_filter_values} values")
-        out.append((dim, values))
-    return tuple(out)
+            raise BadRequest(f"filter[{column}] has more than {limits.max_filter_values} values")
+        dimensions.append((column, values))
+    return tuple(dimensions), tuple(measures)
+
+
+def _bounds(measure: str, items: list[str]) -> tuple[Bound, ...]:
+    bounds: dict[str, Bound] = {}
+    for item in items:
+        match = _BOUND.match(item.strip())
+        if not match:
+            raise BadRequest(
+                f"filter[{measure}] item {item[:40]!r} is not a bound: use op:number with op one of "
+                f"{', '.join(COMPARISONS)} (e.g. filter[{measure}]=gte:10,lt:20)"
+            )
+        op, number = match.groups()
+        if op in bounds:
+            raise BadRequest(f"filter[{measure}] gives {op!r} more than once")
+        try:
+            bounds[op] = Bound(op, Decimal(number))
+        except InvalidOperation:  # pragma: no cover - the pattern admits only plain decimals
+            raise BadRequest(f"filter[{measure}] has a malformed number {number!r}") from None
+    return tuple(bounds[op] for op in sorted(bounds))
 
 
 def _order(
@@ -235,17 +315,51 @@ def _order(
     return (*items, *(OrderItem(c) for c in group if c not in ordered))
 
 
+def _flag(name: str, value: str | None) -> bool:
+    if value is None:
+        return False
+    if value.lower() not in _BOOL:
+        raise BadRequest(f"'{name}' must be true or false, got {value[:16]!r}")
+    return _BOOL[value.lower()]
+
+
+def _check_range(spec: RollupSpec, q: RollupQuery, limits: Limits) -> None:
+    """Refuse ranges too large to group by bucket, and zones the table's buckets cannot serve exactly."""
+    if "bucket" in q.group:
+        buckets = q.range.buckets(q.granularity)
+        if buckets > limits.max_buckets:
+            coarser = [g for g in GRANULARITIES if granularity_rank(g) > granularity_rank(q.granularity)]
+            hint = f"a coarser granularity ({', '.join(coarser)}), " if coarser else ""
+            raise BadRequest(
+                f"the range {format_instant(q.range.start)} to {format_instant(q.range.end)} spans about "
+                f"{buckets:,} {q.granularity} buckets, more than the {limits.max_buckets:,} a query may group "
+                f"(TALLY_MAX_BUCKETS); use {hint}a shorter range, or leave 'bucket' out of 'fields' for totals"
+            )
+    if q.granularity in LOCAL_GRANULARITIES and not offsets_fit(q.tzinfo, q.range, spec.granularity):
+        raise BadRequest(
+            f"rollup {spec.name!r} stores {spec.granularity} buckets, which cannot be merged exactly into "
+            f"{q.granularity}s of time zone {q.zone!r} (its UTC offset is not a whole {spec.granularity}); "
+            "use tz=UTC or a rollup with finer buckets"
+        )
+
+
 def parse_query(spec: RollupSpec, items: Iterable[tuple[str, str]], limits: Limits, now: datetime) -> RollupQuery:
     """Validate raw `(name, value)` query pairs against `spec`; `now` anchors relative times."""
     singles, raw_filters = _collect(items)
     granularity = _granularity(spec, singles.get("granularity"))
+    zone = parse_zone(singles["tz"]) if "tz" in singles else None
     fields = _fields(spec, singles.get("fields"))
     # Group key: bucket first (when selected), then dimensions in the order the client listed them.
     group = (*(("bucket",) if "bucket" in fields else ()), *(f for f in fields if f in spec.dimension_columns))
     measures = tuple(f for f in fields if f in spec.measure_columns)
-    filters = _filters(spec, raw_filters, limits)
+    filters, bounds = _filters(spec, raw_filters, limits)
     order = _order(spec, singles.get("order"), fields, group)
-    limit = _uint("limit", singles["limit"], 1, limits.max_limit) if "limit" in singles else limits.default_limit
+    fmt = singles.get("format", "json")
+    if fmt not in FORMATS:
+        raise BadRequest(f"unknown format {fmt[:32]!r}; one of {', '.join(FORMATS)}")
+    # CSV may ask for more than a page: such an export is streamed instead of cached.
+    max_limit = max(limits.max_limit, limits.max_export_rows) if fmt == "csv" else limits.max_limit
+    limit = _uint("limit", singles["limit"], 1, max_limit) if "limit" in singles else limits.default_limit
     offset = _uint("offset", singles["offset"], 0, limits.max_offset) if "offset" in singles else 0
     cursor = singles.get("cursor")
     if cursor is not None:
@@ -253,24 +367,28 @@ def parse_query(spec: RollupSpec, items: Iterable[tuple[str, str]], limits: Limi
             raise BadRequest("'cursor' and 'offset' cannot be combined: use one way of paging")
         if not cursor or len(cursor) > MAX_CURSOR_CHARS:
             raise BadRequest("'cursor' is empty or too long")
-    fmt = singles.get("format", "json")
-    if fmt not in FORMATS:
-        raise BadRequest(f"unknown format {fmt[:32]!r}; one of {', '.join(FORMATS)}")
-    from_expr = parse_time("from", singles.get("from", DEFAULT_FROM))
-    to_expr = parse_time("to", singles.get("to", DEFAULT_TO))
-    return RollupQuery(
+    local = zone or ZoneInfo("UTC")
+    from_expr = parse_time("from", singles.get("from", DEFAULT_FROM), local)
+    to_expr = parse_time("to", singles.get("to", DEFAULT_TO), local)
+    q = RollupQuery(
         rollup=spec.name,
         granularity=granularity,
         from_expr=from_expr,
         to_expr=to_expr,
-        range=align(from_expr, to_expr, granularity, now),
+        range=align(from_expr, to_expr, granularity, now, local),
         fields=fields,
         group=group,
         measures=measures,
         filters=filters,
+        bounds=bounds,
         order=order,
         limit=limit,
         offset=offset,
         cursor=cursor,
         format=fmt,
+        zone=zone.key if zone else "UTC",
+        total=_flag("total", singles.get("total")),
+        export=limit > limits.max_limit,
     )
+    _check_range(spec, q, limits)
+    return q

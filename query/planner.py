@@ -1,10 +1,11 @@
 """Turn a validated `RollupQuery` into one SQLAlchemy Core SELECT. Pure.
 
-Shape: `SELECT <fields> FROM (<grouped>) AS sub [WHERE <after cursor>]
-ORDER BY <total order> LIMIT n+1 [OFFSET k]`, where `<grouped>` re-buckets with
-`date_trunc(<granularity>, bucket, 'UTC')` and merges measures exactly
-(count and sum by sum, min by min, max by max). The keyset predicate is applied
-to the grouped subquery because it compares merged measures, not stored rows.
+Shape: `SELECT <fields>, "stored rows" FROM (<grouped>) AS sub [WHERE <measure ranges>
+AND <after cursor>] ORDER BY <total order> LIMIT n+1 [OFFSET k]`, where `<grouped>`
+re-buckets with `date_trunc(<granularity>, bucket, <tz>)` and merges measures
+exactly (count and sum by sum, min by min, max by max). Measure ranges and the
+keyset predicate apply to the grouped subquery because they compare merged
+measures, not stored rows. `stored rows` counts the stored rows merged into each row.
 
 NULLs (nullable sum/min/max) sort last in both directions, and the predicate
 says so explicitly, so a cursor walk visits every row exactly once.
@@ -15,12 +16,28 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, DateTime, Numeric, Select, Table, and_, false, func, literal_column, or_, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    DateTime,
+    Numeric,
+    Select,
+    Table,
+    and_,
+    false,
+    func,
+    literal_column,
+    or_,
+    select,
+)
 from sqlalchemy.sql.expression import FromClause
 
 from query.cursor import Kind, Value
-from query.params import OrderItem, RollupQuery
+from query.params import Bound, OrderItem, RollupQuery
+from query.timerange import LOCAL_GRANULARITIES, parse_zone
 from schemas.rollups import GRANULARITIES, RollupSpec
+
+ROWS = "stored rows"  # a space: no rollup column can be named so, so it never collides
 
 _MERGE: dict[str, Callable[..., ColumnElement[object]]] = {
     "count": func.sum,
@@ -46,30 +63,32 @@ def nullable(spec: RollupSpec, column: str) -> bool:
     return column in spec.measure_columns and spec.measure(column).op != "count"
 
 
-def bucket_expr(spec: RollupSpec, table: Table, granularity: str) -> ColumnElement[object]:
+def bucket_expr(spec: RollupSpec, table: Table, granularity: str, zone: str = "UTC") -> ColumnElement[object]:
     if granularity == spec.granularity:
         return table.c.bucket
     if granularity not in GRANULARITIES:  # validated upstream; a literal must never be client text
         raise ValueError(f"unknown granularity {granularity!r}")
+    zone = parse_zone(zone).key if granularity in LOCAL_GRANULARITIES else "UTC"  # an IANA name, re-checked
     # Literals, not bind parameters: SELECT and GROUP BY must be the same expression to Postgres.
     return func.date_trunc(
         literal_column(f"'{granularity}'"),
         table.c.bucket,
-        literal_column("'UTC'"),
+        literal_column(f"'{zone}'"),
         type_=DateTime(timezone=True),
     )
 
 
 def grouped(spec: RollupSpec, table: Table, q: RollupQuery) -> Select[*tuple[Any, ...]]:
-    columns: list[ColumnElement[object]] = []
+    columns: list[ColumnElement[Any]] = []
     keys: list[ColumnElement[object]] = []
     for name in q.group:
-        expr = bucket_expr(spec, table, q.granularity) if name == "bucket" else table.c[name]
+        expr = bucket_expr(spec, table, q.granularity, q.zone) if name == "bucket" else table.c[name]
         keys.append(expr)
         columns.append(expr.label(name))
-    for name in q.measures:
+    for name in q.computed_measures:
         merge = _MERGE[spec.measure(name).op]
         columns.append(merge(table.c[name], type_=Numeric()).label(name))
+    columns.append(func.count(type_=BigInteger()).label(ROWS))
     conditions = [table.c.bucket >= q.range.start, table.c.bucket < q.range.end]
     conditions += [table.c[dim].in_(values) for dim, values in q.filters]
     stmt = select(*columns).where(*conditions)
@@ -106,14 +125,37 @@ def after(
     return or_(*disjuncts) if disjuncts else false()
 
 
+_COMPARE: dict[str, Callable[[ColumnElement[Any], Any], ColumnElement[bool]]] = {
+    "gt": lambda c, v: c > v,
+    "gte": lambda c, v: c >= v,
+    "lt": lambda c, v: c < v,
+    "lte": lambda c, v: c <= v,
+    "eq": lambda c, v: c == v,
+}
+
+
+def _in_bounds(sub: FromClause, bounds: Sequence[tuple[str, Sequence[Bound]]]) -> list[ColumnElement[bool]]:
+    """Range filters on merged measures; a NULL measure satisfies no bound."""
+    return [_COMPARE[b.op](sub.c[measure], b.value) for measure, items in bounds for b in items]
+
+
 def plan(
     spec: RollupSpec, table: Table, q: RollupQuery, cursor: Sequence[Value] | None = None
 ) -> Select[*tuple[Any, ...]]:
-    """The page query; it fetches `limit + 1` rows so the caller knows whether a next page exists."""
+    """The page query: the fields, then `stored rows`; it fetches `limit + 1` rows so the caller
+    knows whether a next page exists (an export fetches exactly `limit`)."""
     sub = grouped(spec, table, q).subquery("sub")
-    stmt = select(*(sub.c[f] for f in q.fields))
+    stmt = select(*(sub.c[f] for f in q.fields), sub.c[ROWS]).where(*_in_bounds(sub, q.bounds))
     if cursor is not None:
         stmt = stmt.where(after(spec, sub, q.order, cursor))
     ordering = [(sub.c[o.column].desc() if o.descending else sub.c[o.column].asc()).nulls_last() for o in q.order]
-    stmt = stmt.order_by(*ordering).limit(q.limit + 1)
+    stmt = stmt.order_by(*ordering).limit(q.limit if q.export else q.limit + 1)
     return stmt.offset(q.offset) if q.offset else stmt
+
+
+def count_plan(spec: RollupSpec, table: Table, q: RollupQuery) -> Select[*tuple[Any, ...]]:
+    """`total=true`: how many rows the whole query matches, and how many stored rows they merge."""
+    sub = grouped(spec, table, q).subquery("sub")
+    return select(func.count(type_=BigInteger()), func.coalesce(func.sum(sub.c[ROWS]), 0, type_=BigInteger())).where(
+        *_in_bounds(sub, q.bounds)
+    )

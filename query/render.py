@@ -2,16 +2,22 @@
 
 Measures are Postgres numerics (Decimal). orjson cannot serialize Decimal and
 floats would round, so each Decimal is written as its exact decimal text
-(`orjson.Fragment`): `0.1 + 0.2` stays `0.3`. Buckets are RFC 3339 UTC with `Z`.
+(`orjson.Fragment`): `0.1 + 0.2` stays `0.3`. Buckets are RFC 3339: UTC with `Z`,
+or with the offset of the query's `tz`.
+
+A JSON body is rendered once and cached as bytes. What differs per response (the
+cache outcome, the entry's age, the time taken) is spliced into the end of `meta`
+by `serving()`, so a hit is never parsed or re-serialized, and the stored bytes,
+which the ETag hashes, change only when the data does.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -40,43 +46,71 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value, default=_default, option=orjson.OPT_UTC_Z)
 
 
-def meta(q: RollupQuery, rows: int, elapsed_ms: float) -> dict[str, Any]:
+def meta(q: RollupQuery, rows: int, rows_read: int, total: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "rollup": q.rollup,
         "granularity": q.granularity,
+        "tz": q.zone,
         "from": format_instant(q.range.start),
         "to": format_instant(q.range.end),
         "fields": list(q.fields),
-        "filters": q.filter_map,
+        "filters": {**q.filter_map, **{m: [b.spelled for b in bs] for m, bs in q.bounds}},
         "order": [o.spelled for o in q.order],
         "limit": q.limit,
         "rows": rows,
-        "elapsed_ms": round(elapsed_ms, 3),
+        "rows_read": rows_read,
     }
     if q.offset:
         out["offset"] = q.offset
+    if total is not None:
+        out["total"] = total
     return out
+
+
+def serving(body: bytes, extra: dict[str, Any]) -> bytes:
+    """`body` with `extra` appended to its `meta`, which `render` always writes last."""
+    return body[:-2] + b"," + orjson.dumps(extra)[1:] + b"}"
+
+
+def _localized(q: RollupQuery, rows: Sequence[Sequence[object]]) -> Sequence[Sequence[object]]:
+    if q.zone == "UTC" or "bucket" not in q.fields:
+        return rows
+    at, zone = q.fields.index("bucket"), q.tzinfo
+    return [[v.astimezone(zone) if i == at and isinstance(v, datetime) else v for i, v in enumerate(r)] for r in rows]
 
 
 def _csv_cell(value: object) -> object:
     if value is None:
         return ""
     if isinstance(value, datetime):
-        return format_instant(value)
+        return format_instant(value) if value.tzinfo is UTC else value.isoformat()
     return value  # str() of a Decimal is exact
 
 
-def render(q: RollupQuery, rows: Sequence[Sequence[object]], next_cursor: str | None, elapsed_ms: float) -> Rendered:
+def csv_header(q: RollupQuery) -> bytes:
+    return _csv_text([q.fields])
+
+
+def csv_rows(q: RollupQuery, rows: Sequence[Sequence[object]]) -> bytes:
+    return _csv_text([_csv_cell(v) for v in row] for row in _localized(q, rows))
+
+
+def _csv_text(rows: Iterable[Iterable[object]]) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerows(rows)  # RFC 4180
+    return buffer.getvalue().encode()
+
+
+def render(
+    q: RollupQuery, rows: Sequence[Sequence[object]], next_cursor: str | None, *, rows_read: int, total: int | None
+) -> Rendered:
     if q.format == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\r\n")  # RFC 4180
-        writer.writerow(q.fields)
-        writer.writerows([_csv_cell(v) for v in row] for row in rows)
-        return Rendered(buffer.getvalue().encode(), MEDIA_TYPES["csv"])
+        return Rendered(csv_header(q) + csv_rows(q, rows), MEDIA_TYPES["csv"])
+    local = _localized(q, rows)
     data: Any
     if q.format == "columns":
-        data = {f: [row[i] for row in rows] for i, f in enumerate(q.fields)}
+        data = {f: [row[i] for row in local] for i, f in enumerate(q.fields)}
     else:
-        data = [dict(zip(q.fields, row, strict=True)) for row in rows]
-    body = dumps({"data": data, "next_cursor": next_cursor, "meta": meta(q, len(rows), elapsed_ms)})
+        data = [dict(zip(q.fields, row, strict=True)) for row in local]
+    body = dumps({"data": data, "next_cursor": next_cursor, "meta": meta(q, len(rows), rows_read, total)})
     return Rendered(body, MEDIA_TYPES[q.format])

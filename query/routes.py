@@ -12,14 +12,16 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from core import metrics
 from query.cache import Outcome, Reason
 from query.cache_policy import Entry, cache_key, etag_matches, forces_refresh, ttl_for
 from query.cursor import decode
+from query.export import open_export
 from query.params import parse_query
 from query.planner import order_kinds
+from query.render import MEDIA_TYPES, serving
 from query.service import run_query
 from query.state import state
 from schemas.api import LagReport, Problem, QueryResult, RollupList
@@ -41,9 +43,11 @@ _FILTER_DOC: dict[str, Any] = {
             "explode": True,
             "required": False,
             "description": "`filter[<dimension>]=a,b`: keep rows whose dimension is one of the comma-separated "
-            "values (an empty value matches a missing dimension). Repeatable for several dimensions.",
+            "values (an empty value matches a missing dimension). `filter[<measure>]=gte:10,lt:100`: keep rows "
+            "whose merged measure is within the bounds (ops `gt`, `gte`, `lt`, `lte`, `eq`; a NULL measure "
+            "matches no bound); the measure need not be in `fields`. Repeatable for several columns.",
             "schema": {"type": "object", "additionalProperties": {"type": "string"}},
-            "example": {"type": "purchase,page_view"},
+            "example": {"type": "purchase,page_view", "count": "gte:10"},
         }
     ],
 }
@@ -106,6 +110,15 @@ async def query_rollup(
             "hour",
         ),
     ] = None,
+    tz: Annotated[
+        str | None,
+        _q(
+            "IANA time zone for day, week and month buckets (local midnights) and for bare dates in `from`/`to`; "
+            "buckets are written with its UTC offset. Minute and hour buckets are the same instants in every "
+            "zone. Default `UTC`.",
+            "Europe/Paris",
+        ),
+    ] = None,
     fields: Annotated[
         str | None,
         _q(
@@ -124,7 +137,12 @@ async def query_rollup(
     ] = None,
     limit: Annotated[
         int | None,
-        _q("Page size, 1 to the server's maximum (TALLY_MAX_LIMIT, default 10000). Default TALLY_DEFAULT_LIMIT.", 100),
+        _q(
+            "Page size, 1 to TALLY_MAX_LIMIT (default 10000); default TALLY_DEFAULT_LIMIT. With `format=csv` it "
+            "may go up to TALLY_MAX_EXPORT_ROWS: such an export is streamed, not cached (`X-Cache: stream`), "
+            "and has no next cursor.",
+            100,
+        ),
     ] = None,
     cursor: Annotated[
         str | None,
@@ -144,11 +162,20 @@ async def query_rollup(
             "json",
         ),
     ] = None,
+    total: Annotated[
+        bool | None,
+        _q(
+            "Also count the rows the whole query matches: `meta.total` and the `X-Total-Count` header. "
+            "Costs a second aggregate over the range.",
+            True,
+        ),
+    ] = None,
 ) -> Response:
     """Aggregates of one rollup, re-bucketed exactly and served through the Redis cache.
 
-    Headers: `X-Cache: hit|stale|miss|bypass`, `Age`, `ETag` (send `If-None-Match` for a 304);
-    `Cache-Control: no-cache` on the request forces a fresh read.
+    Headers: `X-Cache: hit|stale|miss|bypass|stream`, `Age`, `ETag` (send `If-None-Match` for a 304);
+    `Cache-Control: no-cache` on the request forces a fresh read. `meta` reports the query time
+    (`query_ms`), the stored rows merged (`rows_read`), the cache outcome and age, and `elapsed_ms`.
     """
     st = state(request)
     settings = st["settings"]
@@ -160,6 +187,12 @@ async def query_rollup(
     if q.cursor is not None:
         position = decode(q.cursor, q.fingerprint(), order_kinds(rollup.spec, q.order), settings.cursor_secret)
         q, after = q.with_range(position.range), position.values
+    if q.export:
+        body = await open_export(st["engine"], st["exports"], rollup, q, after)
+        metrics.cache_outcomes.labels("stream").inc()
+        metrics.query_seconds.labels(q.rollup, "stream").observe(time.perf_counter() - started)
+        headers = {"X-Cache": "stream", **_attachment(q.rollup)}
+        return StreamingResponse(body, media_type=MEDIA_TYPES["csv"], headers=headers)
     ttl = ttl_for(
         q.range.end,
         now,
@@ -177,10 +210,14 @@ async def query_rollup(
     metrics.cache_outcomes.labels(outcome).inc()
     metrics.query_seconds.labels(q.rollup, outcome).observe(time.perf_counter() - started)
     metrics.query_rows.labels(q.rollup).inc(entry.rows)
-    return _respond(request, entry, outcome, q.format, q.rollup)
+    return _respond(request, entry, outcome, q.format, q.rollup, started)
 
 
-def _respond(request: Request, entry: Entry, outcome: Outcome, fmt: str, rollup: str) -> Response:
+def _attachment(rollup: str) -> dict[str, str]:
+    return {"Content-Disposition": f'attachment; filename="{rollup}.csv"'}  # rollup names are [a-z0-9_]
+
+
+def _respond(request: Request, entry: Entry, outcome: Outcome, fmt: str, rollup: str, started: float) -> Response:
     age = entry.age(time.time())
     headers = {
         "X-Cache": X_CACHE[outcome],
@@ -190,11 +227,19 @@ def _respond(request: Request, entry: Entry, outcome: Outcome, fmt: str, rollup:
     }
     if entry.next_cursor is not None:
         headers["X-Next-Cursor"] = entry.next_cursor
+    if entry.total is not None:
+        headers["X-Total-Count"] = str(entry.total)
     if etag_matches(request.headers.get("if-none-match"), entry.etag):
         return Response(status_code=304, headers=headers)
     if fmt == "csv":
-        headers["Content-Disposition"] = f'attachment; filename="{rollup}.csv"'  # rollup names are [a-z0-9_]
-    return Response(entry.body, media_type=entry.media_type, headers=headers)
+        return Response(entry.body, media_type=entry.media_type, headers={**headers, **_attachment(rollup)})
+    served = {
+        "query_ms": entry.query_ms,
+        "cache": X_CACHE[outcome],
+        "age": int(age),
+        "elapsed_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+    return Response(serving(entry.body, served), media_type=entry.media_type, headers=headers)
 
 
 @router.get(

@@ -12,6 +12,7 @@ from core.db import ReadEngine
 from core.settings import Settings
 from query.cache import QueryCache
 from query.catalog import Catalog
+from query.export import ExportGate
 from query.lag import LagProbe
 from query.lag_sampler import LagSampler
 from query.params import Limits
@@ -24,6 +25,7 @@ class QueryState(TypedDict):
     cache: QueryCache
     catalog: Catalog
     limits: Limits
+    exports: ExportGate
     lag: LagProbe
     lag_sampler: LagSampler
     keys: KeyStore | None  # for `require_scope`; None when auth is off

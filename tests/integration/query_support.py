@@ -129,6 +129,12 @@ def exact(response: httpx.Response) -> Any:
     return json.loads(response.content, parse_float=Decimal)
 
 
+def stored(response: httpx.Response) -> bytes:
+    """The JSON body as the cache stores it: without the per-response meta spliced onto its end."""
+    cut = response.content.rindex(b',"query_ms":')
+    return response.content[:cut] + b"}}"
+
+
 def sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 

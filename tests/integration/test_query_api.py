@@ -175,9 +175,10 @@ async def test_cursor_survives_a_moving_clock(loaded: tuple[Settings, list[Row]]
     """A relative range is pinned by the cursor: later pages do not slide with `now`."""
     settings, _ = loaded
     async with query_api(settings) as http:
-        first = exact(await http.get(PATH, params={"from": "-400d", "to": "now", "limit": "3"}))
-        second = await http.get(PATH, params={"from": "-400d", "to": "now", "limit": "3",
-                                              "cursor": first["next_cursor"]})
+        # Totals (no bucket): 400 days of minute buckets are more than a query may group by.
+        params = {"from": "-400d", "to": "now", "limit": "3", "fields": "type,source,count"}
+        first = exact(await http.get(PATH, params=params))
+        second = await http.get(PATH, params={**params, "cursor": first["next_cursor"]})
     assert second.status_code == 200
     assert exact(second)["meta"]["from"] == first["meta"]["from"]
 

@@ -12,7 +12,7 @@ from core import devstack
 from core.settings import Settings
 from query.app import create_app
 from tests.conftest import serve
-from tests.integration.query_support import WHOLE, Row, exact, insert_rows, make_rows, query_api, sample
+from tests.integration.query_support import WHOLE, Row, exact, insert_rows, make_rows, query_api, sample, stored
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,9 @@ async def test_miss_then_hit_with_identical_bytes(loaded: tuple[Settings, list[R
         second = await http.get(PATH, params=PARAMS)
         other_format = await http.get(PATH, params={**PARAMS, "format": "columns"})
     assert first.headers["x-cache"] == "miss" and second.headers["x-cache"] == "hit"
-    assert second.content == first.content
+    assert stored(second) == stored(first)  # the stored bytes, served without re-rendering
+    assert exact(first)["meta"]["cache"] == "miss" and exact(second)["meta"]["cache"] == "hit"
+    assert exact(second)["meta"]["query_ms"] == exact(first)["meta"]["query_ms"]  # the computation's, kept
     assert second.headers["etag"] == first.headers["etag"]
     assert int(first.headers["age"]) == 0 and int(second.headers["age"]) >= 0
     assert other_format.headers["x-cache"] == "miss"  # the format is part of the key
@@ -60,11 +62,11 @@ async def test_etag_and_no_cache(loaded: tuple[Settings, list[Row]]) -> None:
     assert not_modified.status_code == 304 and not_modified.content == b""
     assert not_modified.headers["etag"] == first.headers["etag"]
     assert not_modified.headers["x-cache"] == "hit" and "age" in not_modified.headers
-    assert changed.status_code == 200 and changed.content == first.content
+    assert changed.status_code == 200 and stored(changed) == stored(first)
     assert forced.status_code == 200 and forced.headers["x-cache"] == "miss"
     assert after - before == 1
     assert exact(forced)["data"] == exact(first)["data"]
-    assert then.headers["x-cache"] == "hit" and then.content == forced.content  # the forced read was stored
+    assert then.headers["x-cache"] == "hit" and stored(then) == stored(forced)  # the forced read was stored
 
 
 async def test_stale_is_served_and_refreshed_once(loaded: tuple[Settings, list[Row]]) -> None:
@@ -83,7 +85,7 @@ async def test_stale_is_served_and_refreshed_once(loaded: tuple[Settings, list[R
         # Stale answers come at once, as stored; requests that land after the refresh are hits.
         outcomes = [r.headers["x-cache"] for r in stale]
         assert set(outcomes) <= {"stale", "hit"} and outcomes.count("stale") >= 1
-        assert all(r.content == first.content and int(r.headers["age"]) >= 1
+        assert all(stored(r) == stored(first) and int(r.headers["age"]) >= 1
                    for r in stale if r.headers["x-cache"] == "stale")
         deadline = time.monotonic() + 10
         while sample("tally_query_cache_refreshes_total", {}) == refreshes and time.monotonic() < deadline:
@@ -101,7 +103,7 @@ async def test_concurrent_cold_requests_compute_once(loaded: tuple[Settings, lis
     async with query_api(settings) as http:
         responses = await asyncio.gather(*(http.get(PATH, params=PARAMS) for _ in range(50)))
     assert {r.status_code for r in responses} == {200}
-    assert len({r.content for r in responses}) == 1
+    assert len({stored(r) for r in responses}) == 1
     assert {r.headers["x-cache"] for r in responses} <= {"miss", "hit"}
     assert computations("miss") - before == 1
     assert sample("tally_query_cache_total", {"outcome": "miss"}) - misses == 1
@@ -115,7 +117,7 @@ async def test_two_processes_share_one_computation(loaded: tuple[Settings, list[
             httpx.AsyncClient(timeout=30) as http:
         params = {**PARAMS, "fields": "type,count"}
         responses = await asyncio.gather(*(http.get(f"{url}{PATH}", params=params) for url in [a, b] * 20))
-    assert len({r.content for r in responses}) == 1
+    assert len({stored(r) for r in responses}) == 1
     assert computations("miss") - before == 1
 
 

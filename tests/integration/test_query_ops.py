@@ -94,7 +94,7 @@ async def test_openapi_documents_every_parameter(migrated: Settings) -> None:
     operation = spec["paths"]["/v1/rollups/{name}"]["get"]
     params = {p["name"]: p for p in operation["parameters"]}
     assert set(params) == {"name", "from", "to", "granularity", "fields", "filter", "order", "limit", "cursor",
-                           "offset", "format"}
+                           "offset", "format", "tz", "total"}
     for name, param in params.items():
         assert param.get("description"), name
         assert "example" in param or "examples" in param, name

@@ -49,24 +49,27 @@ def test_freshness_phases() -> None:
 
 def test_pack_unpack_keeps_body_bytes() -> None:
     body = b'{"data":[{"n":1.50}]}\n\xff'
-    entry = Entry(body, "application/json", etag_for(body), 1_234.5, "cur", 1, Ttl(5, 60))
+    entry = Entry(body, "application/json", etag_for(body), 1_234.5, "cur", 1, Ttl(5, 60), query_ms=2.5, total=7)
     assert unpack(pack(entry)) == entry
+    untotalled = Entry(body, "text/csv", etag_for(body), 1.0, None, 0, Ttl(5, 0))
+    assert unpack(pack(untotalled)) == untotalled
     assert unpack(b"garbage") is None
     assert unpack(b'{"ct":1}\nbody') is None
 
 
 def test_keys() -> None:
     key = cache_key("tally:", b"[1]")
-    assert key.startswith("tally:q1:") and len(key) == len("tally:q1:") + 40
+    assert key.startswith("tally:q2:") and len(key) == len("tally:q2:") + 40
     assert cache_key("tally:", b"[2]") != key
     assert lock_key(key) == key + ":lock"
 
 
 def test_etag_matching() -> None:
     tag = etag_for(b"x")
-    assert tag.startswith('"') and tag.endswith('"')
+    assert tag.startswith('W/"') and tag.endswith('"') and len(tag) == 36  # weak: meta differs per response
+    assert etag_for(b"y") != tag
     assert etag_matches(tag, tag)
-    assert etag_matches(f'"other", W/{tag}', tag)
+    assert etag_matches(f'"other", {tag.removeprefix("W/")}', tag)
     assert etag_matches("*", tag)
     assert not etag_matches('"other"', tag)
     assert not etag_matches(None, tag)

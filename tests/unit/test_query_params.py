@@ -70,7 +70,7 @@ def test_filters_are_normalized() -> None:
         ({"fields": "bucket,\"type\""}, "'\"type\"'"),
         ({"filter[country]": "de"}, "'country'"),
         ({"filter[type) OR 1=1 --]": "x"}, "OR 1=1"),
-        ({"filter[count]": "1"}, "'count'"),  # measures are not filterable
+        ({"filter[count]": "1"}, "filter[count] item '1'"),  # a measure filter is a range
         ({"order": "-nope"}, "'-nope'"),
         ({"order": "count desc"}, "'count desc'"),
         ({"order": "count", "fields": "bucket,type"}, "'count'"),  # not selected
@@ -120,3 +120,51 @@ def test_identity_changes_with_everything_in_the_response() -> None:
     base = parse({"fields": "bucket,count"})
     for change in ({"limit": "5"}, {"offset": "5"}, {"format": "csv"}, {"fields": "count,bucket"}):
         assert parse({"fields": "bucket,count", **change}).identity() != base.identity()
+
+
+def test_time_zone() -> None:
+    q = parse({"granularity": "day", "tz": "Europe/Paris", "from": "2026-07-14", "to": "2026-07-16"})
+    assert q.zone == "Europe/Paris"
+    assert q.range.start == datetime(2026, 7, 13, 22, tzinfo=UTC) and q.range.end == datetime(2026, 7, 15, 22,
+                                                                                               tzinfo=UTC)
+    utc = parse({"granularity": "day", "from": "2026-07-14", "to": "2026-07-16"})
+    assert utc.zone == "UTC" and q.identity() != utc.identity() and q.fingerprint() != utc.fingerprint()
+    assert "unknown time zone" in error({"tz": "Europe/Paris'; DROP TABLE x; --"})
+    hourly = parse_rollup({"name": "h", "granularity": "hour", "dimensions": ["type"], "measures": ["count"]})
+    assert "cannot be merged exactly into days of time zone 'Asia/Kolkata'" in error(
+        {"granularity": "day", "tz": "Asia/Kolkata"}, hourly)
+    assert parse({"granularity": "day", "tz": "Europe/Paris"}, hourly).zone == "Europe/Paris"
+
+
+def test_measure_ranges() -> None:
+    q = parse({"fields": "type,count", "filter[max_properties_amount]": "lt:10.5,gte:-2", "filter[type]": "buy"})
+    assert q.filters == (("type", ("buy",)),)
+    assert [(m, [b.spelled for b in bs]) for m, bs in q.bounds] == [("max_properties_amount", ["gte:-2", "lt:10.5"])]
+    assert q.computed_measures == ("count", "max_properties_amount")  # filtered on, not returned
+    assert q.identity() != parse({"fields": "type,count", "filter[type]": "buy"}).identity()
+    for bad in ("10", "gte:", "gte:1e9", "gte:NaN", "between:1", "gte:1;DROP", "gte:0x10"):
+        assert f"filter[count] item {bad!r} is not a bound" in error({"filter[count]": bad})
+    assert "gives 'gt' more than once" in error({"filter[count]": "gt:1,gt:2"})
+
+
+def test_total_flag() -> None:
+    assert parse({"total": "true"}).total and not parse({"total": "false"}).total and not parse({}).total
+    assert parse({"total": "true"}).identity() != parse({}).identity()
+    assert "'total' must be true or false" in error({"total": "yes please"})
+
+
+def test_too_many_buckets_is_refused_with_a_way_out() -> None:
+    detail = error({"from": "-365d", "to": "now"})
+    assert "spans about 525,601 minute buckets, more than the 100,000" in detail
+    assert "coarser granularity (hour, day, week, month)" in detail and "TALLY_MAX_BUCKETS" in detail
+    assert "more than the 100,000" in error({"from": "-365d", "limit": "10"})  # a limit bounds the page, not the work
+    assert parse({"from": "-365d", "granularity": "hour"}).range.buckets("hour") == 8_761
+    assert parse({"from": "-365d", "fields": "type,count"}).group == ("type",)  # totals group no buckets
+
+
+def test_csv_exports_may_exceed_a_page() -> None:
+    export = parse({"format": "csv", "limit": "250000"})
+    assert export.export and export.limit == 250_000
+    assert not parse({"format": "csv", "limit": "10000"}).export
+    assert "'limit' must be an integer from 1 to 10000" in error({"limit": "250000"})
+    assert "'limit' must be an integer from 1 to 1000000" in error({"format": "csv", "limit": "1000001"})

@@ -12,7 +12,7 @@ from core.settings import DEFAULT_ROLLUPS
 from query.catalog import Catalog
 from query.cursor import Value
 from query.params import Limits, parse_query
-from query.planner import order_kinds, plan
+from query.planner import count_plan, order_kinds, plan
 from schemas.rollups import load_rollups
 
 NOW = datetime(2026, 11, 25, 13, 37, 42, tzinfo=UTC)
@@ -51,7 +51,7 @@ def test_only_selected_columns_are_grouped() -> None:
     text = sql({"fields": "source,count", "granularity": "week"})
     assert "date_trunc" not in text
     assert f"GROUP BY {T}.source" in text
-    assert text.startswith("SELECT sub.source, sub.count FROM (SELECT")
+    assert text.startswith('SELECT sub.source, sub.count, sub."stored rows" FROM (SELECT')
     totals = sql({"fields": "count,max_properties_amount"})
     assert "GROUP BY" not in totals and "HAVING count(*) >" in totals
 
@@ -86,3 +86,25 @@ def test_offset_and_kinds() -> None:
     assert "OFFSET %(param_2)s" in sql({"offset": "20"})
     q = parse_query(ROLLUP.spec, [("order", "-count,type")], Limits(1_000, 10_000, 100_000), NOW)
     assert order_kinds(ROLLUP.spec, q.order) == ("number", "text", "time", "text")
+
+
+def test_time_zone_truncates_days_but_not_hours() -> None:
+    assert "date_trunc('day', agg_events_by_type.bucket, 'Europe/Paris')" in sql(
+        {"granularity": "day", "tz": "Europe/Paris"})
+    assert "date_trunc('hour', agg_events_by_type.bucket, 'UTC')" in sql({"granularity": "hour", "tz": "Asia/Kolkata"})
+
+
+def test_measure_ranges_filter_merged_values_even_when_not_returned() -> None:
+    text = sql({"fields": "type,count", "filter[max_properties_amount]": "gte:1,lt:2.5"})
+    assert f"max({T}.max_properties_amount) AS max_properties_amount" in text
+    assert "WHERE sub.max_properties_amount >= %(max_properties_amount_1)s" in text
+    assert "AND sub.max_properties_amount < %(max_properties_amount_2)s" in text
+    assert text.startswith('SELECT sub.type, sub.count, sub."stored rows" FROM')
+
+
+def test_total_counts_the_grouped_rows() -> None:
+    q = parse_query(ROLLUP.spec, [("fields", "type,count"), ("filter[count]", "gt:5"), ("total", "true")],
+                    Limits(1_000, 10_000, 100_000), NOW)
+    text = re.sub(r"\s+", " ", str(count_plan(ROLLUP.spec, ROLLUP.table, q).compile(dialect=postgresql.dialect())))
+    assert text.startswith('SELECT count(*) AS count_1, coalesce(sum(sub."stored rows"), %(coalesce_2)s::INTEGER)')
+    assert f"GROUP BY {T}.type) AS sub WHERE sub.count > %(count_2)s" in text and "LIMIT" not in text

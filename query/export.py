@@ -1,0 +1,81 @@
+"""Large CSV exports, streamed from a server-side cursor instead of cached (Postgres I/O).
+
+A page (`limit` up to TALLY_MAX_LIMIT) goes through the cache as bytes. An export
+asks for more rows than a page (up to TALLY_MAX_EXPORT_ROWS): its rows are fetched
+in chunks and written as they arrive, so memory stays at one chunk whatever the
+size, and a slow reader slows the fetch instead of filling a buffer. Each export
+holds a database connection for its whole transfer, so at most
+TALLY_MAX_EXPORTS run at once per process; beyond that, a fast 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from core import metrics
+from core.db import ReadEngine
+from core.problems import Unavailable
+from query.catalog import Rollup
+from query.cursor import Value
+from query.params import RollupQuery
+from query.planner import plan
+from query.render import csv_header, csv_rows
+from query.service import database_errors
+
+CHUNK_ROWS = 2_000
+
+
+class ExportGate:
+    """Counts running exports; refuses, never queues, past the bound."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.running = 0
+
+    def enter(self) -> None:
+        if self.running >= self._limit:
+            raise Unavailable(
+                f"{self.running} exports are already running, the most this replica serves at once "
+                "(TALLY_MAX_EXPORTS); retry shortly or page with a smaller limit",
+                retry_after=5,
+            )
+        self.running += 1
+
+    def leave(self) -> None:
+        self.running -= 1
+
+
+async def open_export(
+    engine: ReadEngine, gate: ExportGate, rollup: Rollup, q: RollupQuery, after: Sequence[Value] | None
+) -> AsyncIterator[bytes]:
+    """The export's body, already started: the query has run (or failed as a 503) and the
+    first chunk is ready before the response is committed to a 200."""
+    chunks = _chunks(engine, gate, rollup, q, after)
+    first = await anext(chunks)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return body()
+
+
+async def _chunks(
+    engine: ReadEngine, gate: ExportGate, rollup: Rollup, q: RollupQuery, after: Sequence[Value] | None
+) -> AsyncIterator[bytes]:
+    gate.enter()
+    try:
+        metrics.query_computations.labels(q.rollup, "export").inc()
+        async with database_errors(engine), engine.connect() as conn:
+            result = await conn.stream(plan(rollup.spec, rollup.table, q, after))
+            head = csv_header(q)
+            while chunk := await result.fetchmany(CHUNK_ROWS):
+                rows = [tuple(r)[:-1] for r in chunk]  # each row ends with its stored-row count
+                metrics.query_rows.labels(q.rollup).inc(len(rows))
+                yield head + csv_rows(q, rows)
+                head = b""
+            if head:
+                yield head  # no rows: the header alone
+    finally:
+        gate.leave()
