@@ -50,4 +50,5 @@ def describe(spec: RollupSpec) -> RollupInfo:
         dimensions=[DimensionInfo(name=d.column, path=d.path) for d in spec.dimensions],
         measures=[MeasureInfo(name=m.column, op=m.op, path=m.path, merge=MERGE[m.op]) for m in spec.measures],
         where={k: list(v) for k, v in spec.where.items()},
+        filterable=[*spec.dimension_columns, *spec.measure_columns],
     )

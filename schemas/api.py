@@ -48,6 +48,12 @@ class RollupInfo(BaseModel):
     dimensions: list[DimensionInfo]
     measures: list[MeasureInfo]
     where: dict[str, list[str]]
+    filterable: list[str] = Field(
+        description="Columns `filter[...]` accepts: dimensions (one of values) and measures (bounds)."
+    )
+    retention: str | None = Field(
+        default=None, description="How long buckets are kept; null: indefinitely (Tally deletes none yet)."
+    )
 
 
 class RollupList(BaseModel):
@@ -57,17 +63,24 @@ class RollupList(BaseModel):
 class QueryMeta(BaseModel):
     rollup: str
     granularity: str
-    from_: str = Field(alias="from")
-    to: str
+    tz: str = Field(description="Time zone of day, week and month buckets (`tz`).")
+    from_: str = Field(alias="from", description="Aligned start (inclusive), UTC.")
+    to: str = Field(description="Aligned end (exclusive), UTC.")
     fields: list[str]
     filters: dict[str, list[str]] = Field(
-        default_factory=dict, description="Applied filters by dimension, values sorted and de-duplicated."
+        default_factory=dict,
+        description="Applied filters: dimension values sorted and de-duplicated; measure bounds as `op:number`.",
     )
-    order: list[str]
+    order: list[str] = Field(description="The total order used, tie-breakers included.")
     limit: int
     offset: int | None = None
-    rows: int
-    elapsed_ms: float
+    rows: int = Field(description="Rows in this page.")
+    rows_read: int = Field(description="Stored rollup rows merged into this page's rows.")
+    total: int | None = Field(default=None, description="Rows the whole query matches (`total=true` only).")
+    query_ms: float = Field(description="Postgres time when this answer was computed (a hit keeps the original).")
+    cache: Literal["hit", "stale", "miss", "bypass"] = Field(description="How this response was obtained.")
+    age: int = Field(description="Seconds since this answer was computed.")
+    elapsed_ms: float = Field(description="Time this request took in the query service.")
 
 
 class QueryResult(BaseModel):

@@ -52,6 +52,9 @@ async def test_list_rollups(migrated: Settings) -> None:
         "count": "sum", "sum_properties_amount": "sum", "min_properties_amount": "min",
         "max_properties_amount": "max",
     }
+    assert events["filterable"] == ["type", "source", "count", "sum_properties_amount", "min_properties_amount",
+                                    "max_properties_amount"]
+    assert events["retention"] is None  # nothing is deleted yet: buckets are kept indefinitely
     assert by_name["page_views"]["where"] == {"type": ["page_view"]}
     assert [d["name"] for d in by_name["page_views"]["dimensions"]] == ["properties_country", "properties_path"]
 

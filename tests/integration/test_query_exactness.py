@@ -13,7 +13,6 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Iterator
 from datetime import UTC, datetime, time, timedelta, tzinfo
-from decimal import Decimal
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
