@@ -21,8 +21,10 @@ def asyncpg_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def _engine(url: str, *, pool_size: int, app: str, statement_timeout_ms: int | None) -> AsyncEngine:
-    server_settings = {"application_name": app}
+def _engine(
+    url: str, *, pool_size: int, app: str, statement_timeout_ms: int | None, extra: dict[str, str] | None = None
+) -> AsyncEngine:
+    server_settings = {"application_name": app, **(extra or {})}
     if statement_timeout_ms:
         server_settings["statement_timeout"] = str(statement_timeout_ms)
     return create_async_engine(
@@ -39,5 +41,15 @@ def write_engine(url: str, *, pool_size: int = 2, app: str = "tally") -> WriteEn
     return WriteEngine(_engine(url, pool_size=pool_size, app=app, statement_timeout_ms=None))
 
 
+# asyncpg prepares every statement; after five runs Postgres may switch a prepared query to
+# a generic plan chosen without its values. For rollup queries, whose time ranges span from
+# minutes to months, that plan assumes a narrow range and index-scans whole weeks (measured:
+# 973 ms instead of 412 ms; the dashboard bench query 0.8x the rate). Planning each
+# execution costs 0.1-0.2 ms. See docs/query-plans.md.
+_CUSTOM_PLANS = {"plan_cache_mode": "force_custom_plan"}
+
+
 def read_engine(url: str, *, pool_size: int, statement_timeout_ms: int, app: str = "tally-query") -> ReadEngine:
-    return ReadEngine(_engine(url, pool_size=pool_size, app=app, statement_timeout_ms=statement_timeout_ms))
+    return ReadEngine(
+        _engine(url, pool_size=pool_size, app=app, statement_timeout_ms=statement_timeout_ms, extra=_CUSTOM_PLANS)
+    )
