@@ -12,19 +12,12 @@ from core import devstack
 from core.settings import Settings
 from query.app import create_app
 from tests.conftest import serve
-from tests.integration.query_support import WHOLE, Row, exact, insert_rows, make_rows, query_api, sample, stored
+from tests.integration.query_support import WHOLE, Row, exact, query_api, sample, stored
 
 pytestmark = pytest.mark.integration
 
 PATH = "/v1/rollups/events_by_type"
 PARAMS = {**WHOLE, "granularity": "hour", "fields": "bucket,type,count,sum_properties_amount"}
-
-
-@pytest.fixture
-async def loaded(migrated: Settings) -> tuple[Settings, list[Row]]:
-    rows = make_rows()
-    await insert_rows(migrated, rows)
-    return migrated, rows
 
 
 def computations(reason: str) -> float:

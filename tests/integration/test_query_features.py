@@ -21,8 +21,6 @@ from tests.integration.query_support import (
     Row,
     exact,
     expected,
-    insert_rows,
-    make_rows,
     query_api,
     sort_rows,
     trunc,
@@ -35,13 +33,6 @@ pytestmark = pytest.mark.integration
 PATH = "/v1/rollups/events_by_type"
 START, END = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 5, 1, tzinfo=UTC)
 PARIS = ZoneInfo("Europe/Paris")
-
-
-@pytest.fixture
-async def loaded(migrated: Settings) -> tuple[Settings, list[Row]]:
-    rows = make_rows()
-    await insert_rows(migrated, rows)
-    return migrated, rows
 
 
 def paris_midnight(dt: datetime) -> datetime:

@@ -52,13 +52,6 @@ HOURLY_FIELDS = ["bucket", "type", "count", "sum_properties_amount"]
 HOURLY = {**WHOLE, "granularity": "hour", "fields": ",".join(HOURLY_FIELDS)}
 
 
-@pytest.fixture
-async def loaded(migrated: Settings) -> tuple[Settings, list[Row]]:
-    rows = make_rows()
-    await insert_rows(migrated, rows)
-    return migrated, rows
-
-
 def computations() -> float:
     """Rollup queries run against Postgres for events_by_type, whatever the reason."""
     return sum(
