@@ -11,6 +11,7 @@ TALLY_MAX_EXPORTS run at once per process; beyond that, a fast 503 with Retry-Af
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from core import metrics
 from core.db import ReadEngine
@@ -18,7 +19,7 @@ from core.problems import Unavailable
 from query.catalog import Rollup
 from query.cursor import Value
 from query.params import RollupQuery
-from query.planner import plan
+from query.planner import count_plan, plan
 from query.render import csv_header, csv_rows
 from query.service import database_errors
 
@@ -45,11 +46,21 @@ class ExportGate:
         self.running -= 1
 
 
+@dataclass(frozen=True, slots=True)
+class Export:
+    body: AsyncIterator[bytes]
+    total: int | None  # `total=true`: counted before the first row is sent, for X-Total-Count
+
+
 async def open_export(
     engine: ReadEngine, gate: ExportGate, rollup: Rollup, q: RollupQuery, after: Sequence[Value] | None
-) -> AsyncIterator[bytes]:
-    """The export's body, already started: the query has run (or failed as a 503) and the
-    first chunk is ready before the response is committed to a 200."""
+) -> Export:
+    """The export, already started: the query has run (or failed as a 503) and the first
+    chunk is ready before the response is committed to a 200."""
+    total = None
+    if q.total:
+        async with database_errors(engine), engine.connect() as conn:
+            total = int((await conn.execute(count_plan(rollup.spec, rollup.table, q))).one()[0])
     chunks = _chunks(engine, gate, rollup, q, after)
     first = await anext(chunks)
 
@@ -58,7 +69,7 @@ async def open_export(
         async for chunk in chunks:
             yield chunk
 
-    return body()
+    return Export(body(), total)
 
 
 async def _chunks(

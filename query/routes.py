@@ -188,11 +188,13 @@ async def query_rollup(
         position = decode(q.cursor, q.fingerprint(), order_kinds(rollup.spec, q.order), settings.cursor_secret)
         q, after = q.with_range(position.range), position.values
     if q.export:
-        body = await open_export(st["engine"], st["exports"], rollup, q, after)
+        export = await open_export(st["engine"], st["exports"], rollup, q, after)
         metrics.cache_outcomes.labels("stream").inc()
         metrics.query_seconds.labels(q.rollup, "stream").observe(time.perf_counter() - started)
         headers = {"X-Cache": "stream", **_attachment(q.rollup)}
-        return StreamingResponse(body, media_type=MEDIA_TYPES["csv"], headers=headers)
+        if export.total is not None:
+            headers["X-Total-Count"] = str(export.total)
+        return StreamingResponse(export.body, media_type=MEDIA_TYPES["csv"], headers=headers)
     ttl = ttl_for(
         q.range.end,
         now,

@@ -120,13 +120,14 @@ async def test_csv_export_streams_every_row_uncached(loaded: tuple[Settings, lis
     """Past a page's limit, CSV is streamed from a server-side cursor and never stored in Redis."""
     settings, rows = loaded
     small_pages = settings.model_copy(update={"max_limit": 50})
-    params = {**WHOLE, "format": "csv", "limit": "100000"}
+    params = {**WHOLE, "format": "csv", "limit": "100000", "total": "true"}
     async with query_api(small_pages) as http:
         async with http.stream("GET", PATH, params=params) as response:
             chunks = [chunk async for chunk in response.aiter_raw()]
         again = await http.get(PATH, params=params)
         page = await http.get(PATH, params={**params, "limit": "50"})
     assert response.status_code == 200 and response.headers["x-cache"] == "stream"
+    assert response.headers["x-total-count"] == str(len(rows))  # every stored row is its own minute row
     assert "content-length" not in response.headers and response.headers["transfer-encoding"] == "chunked"
     assert response.headers["content-disposition"] == 'attachment; filename="events_by_type.csv"'
     lines = list(csv.reader(io.StringIO(b"".join(chunks).decode())))
