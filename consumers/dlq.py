@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
@@ -17,9 +18,10 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from consumers.decode import DeadLetter
 from consumers.retry import kafka_transient, retrying
-from core import kafka, metrics
+from core import kafka, logs, metrics
 from core.kafka import MAX_RECORD_BYTES
 from core.settings import Settings
+from schemas.envelope import ERROR_HEADER, REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 TRUNCATED_HEADER = "tally-truncated-from"
@@ -75,6 +77,9 @@ class DeadLetterSink:
         await retrying(attempt, what="send dead letters", transient=kafka_transient, stop=stop)
         for letter in letters:
             metrics.dlq_records.labels(letter.reason).inc()
+        for (request, reason, error), count in Counter(map(_described, letters)).items():
+            with logs.bound(request):  # the id ingest gave the batch: one grep follows it here
+                log.warning("dead-lettered %d record(s): %s", count, error, extra={"reason": reason, "records": count})
 
     async def _send_one(self, letter: DeadLetter) -> asyncio.Future[object]:
         if self.producer is None:
@@ -88,3 +93,11 @@ class DeadLetterSink:
             value = (letter.value or b"")[:_TRUNCATED_BYTES]
             headers = [*letter.headers, (TRUNCATED_HEADER, str(size).encode())]
             return await self.producer.send(self.topic, value, key=letter.key, headers=headers)  # type: ignore[no-any-return]
+
+
+def _described(letter: DeadLetter) -> tuple[str | None, str, str]:
+    """(request id, reason, error) of a dead letter, from the headers ingest and the consumer set."""
+    found = dict(letter.headers)
+    request = found.get(REQUEST_ID_HEADER)
+    error = found.get(ERROR_HEADER, b"").decode("utf-8", "replace")[:200]
+    return (request.decode("latin-1") if request else None), letter.reason, error

@@ -23,7 +23,7 @@ from consumers.ops import Health, OpsServer, build_app
 from consumers.registry import NotRegistered, StaleRollups, registry_version
 from consumers.retry import FIRST_DELAY, MAX_DELAY, Stopped, kafka_transient, postgres_transient, retrying, wait_or_stop
 from consumers.runner import Listener, Runner
-from core import kafka
+from core import kafka, logs
 from core.db import write_engine
 from core.settings import Settings, get_settings
 
@@ -166,5 +166,5 @@ def serve(settings: Settings) -> int:
 
 def main() -> None:
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure("consumer", level=settings.log_level, fmt=settings.log_format)
     raise SystemExit(serve(settings))

@@ -36,6 +36,7 @@ from consumers.registry import NotRegistered, StaleRollups, registry_version
 from consumers.retry import postgres_transient, retrying
 from core import metrics
 from core.settings import Settings
+from schemas.envelope import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,15 @@ class Runner:
             self.expected[(adv.topic, adv.partition)] = adv.new
         metrics.consumer_events_applied.inc(batch.events - batch.duplicates)
         metrics.consumer_batch_records.observe(batch.events)
+        if log.isEnabledFor(logging.DEBUG):  # the ids cost a pass over the records: only when asked
+            log.debug(
+                "applied %d events",
+                batch.events - batch.duplicates,
+                extra={
+                    "offsets": {f"{a.topic}[{a.partition}]": [a.expected, a.new] for a in batch.advances},
+                    "request_ids": request_ids(polled),
+                },
+            )
 
     async def close(self) -> None:
         """Stop background work (dedup partition expiry); the consumer itself is stopped by `run`."""
@@ -177,3 +187,14 @@ class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
         await self.runner.assigned(assigned)
+
+
+def request_ids(polled: dict[TP, list[Any]]) -> list[str]:
+    """The distinct ingest request ids (`tally-request-id` headers) of the polled records, in order."""
+    found: dict[str, None] = {}
+    for records in polled.values():
+        for record in records:
+            for key, value in record.headers or ():
+                if key == REQUEST_ID_HEADER and value:
+                    found[value.decode("latin-1")] = None
+    return list(found)

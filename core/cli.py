@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import os
 import re
 import shutil
@@ -14,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from core import logs
 from core.settings import Settings, SettingsError, get_settings
 
 # core.auth.SCOPES, spelled out: importing core.auth here would load core.metrics before
@@ -43,9 +43,10 @@ def _serve(app_path: str, settings: Settings, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         log_level=settings.log_level,
+        log_config=None,  # the app factory configures logging (core.logs) in each worker
         loop="uvloop",
         http="httptools",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
         access_log=False,  # per-request lines cost CPU at ingest rates; metrics count requests
     )
 
@@ -132,12 +133,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(_attach_relative_times(sys.argv[1:] if argv is None else argv))
     # `tally dev` runs without auth (DESIGN §7: optional in the dev stack); everything else has it on.
     overrides: dict[str, object] = {"env": "dev", "auth": False} if args.command == "dev" else {}
+    if args.command == "dev":
+        # A person reads these in a terminal, and no balancer needs a drain delay.
+        overrides |= {
+            k: v for k, v in (("log_format", "text"), ("drain_seconds", 0.0)) if f"TALLY_{k.upper()}" not in os.environ
+        }
     try:
         settings = get_settings(**overrides)
     except Exception as exc:  # pydantic's ValidationError names the bad variable
         sys.exit(f"tally: bad configuration: {exc}")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo's requests are not news
+    logs.configure(args.command, level=settings.log_level, fmt=settings.log_format)
     try:
         if args.command == "dev":
             from core.devrun import run_dev

@@ -6,17 +6,23 @@ requests by route template, so `/v1/rollups/{name}` is one series, not one per n
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from types import FrameType
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core import metrics
+from core import logs, metrics
 
+log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 ReadinessCheck = Callable[[Request], Awaitable[dict[str, bool]]]
 
@@ -45,7 +51,8 @@ class MetricsMiddleware:
 
         self._in_progress.inc()
         try:
-            await self.app(scope, receive, send_wrapper)
+            with logs.bound(request_id):
+                await self.app(scope, receive, send_wrapper)
         finally:
             self._in_progress.dec()
             route = scope.get("route")
@@ -90,3 +97,32 @@ def ops_router(readiness: ReadinessCheck, *, gating: frozenset[str] | None = Non
         return Response(payload, media_type=content_type)
 
     return router
+
+
+def drain_on_sigterm(app: FastAPI, seconds: float) -> None:
+    """On SIGTERM, report not ready for `seconds` while still serving, then let uvicorn shut down.
+
+    A balancer (nginx, a Kubernetes Service) stops sending only after it sees the
+    readiness change; stopping to accept at once would refuse the requests already
+    on their way. After the delay uvicorn's own handler runs: no new connections,
+    in-flight requests get TALLY_SHUTDOWN_GRACE_SECONDS, then the lifespan flushes.
+    A second SIGTERM or a SIGINT skips the rest of the delay. Call it from the lifespan
+    startup, where uvicorn's handler is installed; it does nothing off the main thread
+    (an app served from a test's thread).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    uvicorn_exit = signal.getsignal(signal.SIGTERM)
+    if not callable(uvicorn_exit):
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if getattr(app.state, "draining", False):
+            uvicorn_exit(signum, frame)
+            return
+        app.state.draining = True
+        log.info("SIGTERM: not ready; serving %.1f s more while balancers notice, then shutting down", seconds)
+        loop.call_soon_threadsafe(loop.call_later, seconds, uvicorn_exit, signum, frame)  # wakes the loop
+
+    signal.signal(signal.SIGTERM, on_sigterm)

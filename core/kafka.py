@@ -9,18 +9,37 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
 from core.settings import Settings
 
 MAX_RECORD_BYTES = 2 * 1024 * 1024
 
 
+def security(settings: Settings) -> dict[str, Any]:
+    """TLS and SASL options shared by every client: producers, consumers and the admin client."""
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        cafile = str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        options["ssl_context"] = create_ssl_context(cafile=cafile)
+    if protocol.startswith("SASL"):
+        options |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username,
+            "sasl_plain_password": settings.kafka_sasl_password,
+        }
+    return options
+
+
 def producer(settings: Settings, *, client_id: str = "tally-ingest") -> AIOKafkaProducer:
     return AIOKafkaProducer(
+        **security(settings),
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
         enable_idempotence=settings.kafka_idempotence,
@@ -35,6 +54,7 @@ def producer(settings: Settings, *, client_id: str = "tally-ingest") -> AIOKafka
 
 def consumer(settings: Settings, *, group_id: str | None, client_id: str = "tally-consumer") -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
+        **security(settings),
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=group_id,
         enable_auto_commit=False,
@@ -54,7 +74,9 @@ async def ensure_topics(settings: Settings, topics: Sequence[str] | None = None)
     default partition count (Tansu: 4), which may be fewer than consumers.
     """
     names = topics or (settings.topic, settings.dlq_topic)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tally-admin")
+    admin = AIOKafkaAdminClient(
+        **security(settings), bootstrap_servers=settings.kafka_bootstrap, client_id="tally-admin"
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())

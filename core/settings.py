@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.events import EventLimits
@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     consumer_group: str = "tally"
     kafka_idempotence: bool = False  # on for real Kafka; Tansu cannot do it
     kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
+    # Managed Kafka: TLS and SASL (every client Tally makes uses them).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_cafile: Path | None = None  # None: the system's trusted CAs
 
     # Processes.
     bind_host: str = "127.0.0.1"
@@ -51,6 +57,11 @@ class Settings(BaseSettings):
     consumer_metrics_port: int = 9101
     rollups_file: Path = DEFAULT_ROLLUPS  # the shipped core/rollups.toml
     log_level: str = "info"
+    log_format: Literal["json", "text"] = "json"  # one JSON object per line, with the request id
+    # SIGTERM: /readyz says 503 for drain_seconds while still serving (so balancers stop sending),
+    # then no new connections, in-flight requests get shutdown_grace_seconds, then flush and exit.
+    drain_seconds: float = Field(5.0, ge=0)
+    shutdown_grace_seconds: float = Field(30.0, gt=0)
 
     # Auth (API keys with scopes, DESIGN §7). On everywhere but `tally dev`.
     auth: bool = True
@@ -139,6 +150,17 @@ class Settings(BaseSettings):
         """Refuse the dev cursor secret outside dev and test (a known key signs forged cursors)."""
         if self.env == "prod" and self.cursor_secret == DEV_CURSOR_SECRET:
             raise SettingsError("set TALLY_CURSOR_SECRET: the default is only for env=dev or test")
+
+    @model_validator(mode="after")
+    def _sasl_has_credentials(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"TALLY_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "TALLY_KAFKA_SASL_USERNAME and TALLY_KAFKA_SASL_PASSWORD"
+            )
+        return self
 
     def process_env(self) -> dict[str, str]:
         """This process's environment with every TALLY_* variable replaced by these settings:

@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 
-from core import kafka
+from core import kafka, logs
 from core.auth import auth_requires, auth_responses, open_key_store, require_scope
 from core.cache import redis_client
 from core.health import kafka_ok, redis_ok
-from core.http import MetricsMiddleware, ops_router
+from core.http import MetricsMiddleware, drain_on_sigterm, ops_router
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
 from ingest.idempotency import IdempotencyStore
@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
         keys = open_key_store(settings, app="tally-ingest")  # None when auth is off
         writer.start()  # in the background: ingest serves (and refuses with 503) while Kafka is down
         app.state.writer = writer
+        drain_on_sigterm(app, settings.drain_seconds)
         try:
             yield {
                 "settings": settings,
@@ -90,6 +91,8 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
+    """Entry point for `uvicorn --factory ingest.app:app_from_env`; runs in every worker process."""
     settings = get_settings()
+    logs.configure("ingest", level=settings.log_level, fmt=settings.log_format)
     settings.require("kafka_bootstrap", "redis_url", *auth_requires(settings))
     return create_app(settings)

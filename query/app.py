@@ -8,11 +8,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 
+from core import logs
 from core.auth import auth_responses, open_key_store, require_scope
 from core.cache import redis_client
 from core.db import read_engine
 from core.health import postgres_ok, redis_ok
-from core.http import MetricsMiddleware, ops_router
+from core.http import MetricsMiddleware, drain_on_sigterm, ops_router
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
 from query.cache import QueryCache
@@ -60,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
         keys = open_key_store(settings, app="tally-query")  # its own small pool: auth never waits on queries
         # A lock outlives the slowest query, so a crashed holder delays others by at most that.
         cache = QueryCache(redis, lock_ttl_ms=settings.statement_timeout_ms + 2_000)
+        drain_on_sigterm(app, settings.drain_seconds)
         try:
             await lag.start()
             sampler.start()
@@ -105,5 +107,6 @@ def create_app(settings: Settings) -> FastAPI:
 def app_from_env() -> FastAPI:
     """Entry point for `uvicorn --factory query.app:app_from_env` (what `tally query` runs)."""
     settings = get_settings()
+    logs.configure("query", level=settings.log_level, fmt=settings.log_format)
     settings.require(*REQUIRED)
     return create_app(settings)

@@ -66,6 +66,8 @@ def settings(servers: Servers, database_url: str) -> Settings:
         batch_max_wait_ms=100,
         produce_timeout_seconds=5.0,
         auth=False,  # tests of auth turn it on: settings.model_copy(update={"auth": True})
+        drain_seconds=0,  # stopping a process is not a rolling deploy; the drain test sets its own
+        log_format="text",
     )
 
 
