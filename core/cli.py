@@ -142,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = get_settings(**overrides)
     except Exception as exc:  # pydantic's ValidationError names the bad variable
         sys.exit(f"tally: bad configuration: {exc}")
-    logs.configure(args.command, level=settings.log_level, fmt=settings.log_format)
+    logs.configure(
+        {"consume": "consumer"}.get(args.command, args.command), level=settings.log_level, fmt=settings.log_format
+    )
     try:
         if args.command == "dev":
             from core.devrun import run_dev
