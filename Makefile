@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install dev test test-fast lint format clean
+.PHONY: install promtool dev test test-fast lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,16 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# promtool and prometheus for tests/infra and the live Prometheus test: Debian's `prometheus`
+# package, installed only when either is missing (as root, or through sudo). .ci/run calls this.
+APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=300
+promtool:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo $(APT_GET) install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
+	  { $$sudo $(APT_GET) update && $$sudo $(APT_GET) install -y --no-install-recommends prometheus >/dev/null; }; \
+	  promtool --version | head -1; }
 
 dev: install
 	$(BIN)/tally dev --demo
