@@ -35,9 +35,9 @@ DATASOURCES = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA_DIR / "provisioning" / "dashboards" / "tally.yml"
 
 INSTALL_HINT = (
-    "{tool} is not installed. It comes with Debian's `prometheus` package: "
-    "`sudo apt-get install -y --no-install-recommends prometheus` (.ci/run and `make install` do this "
-    "when it is missing), or put Prometheus's release binaries on PATH."
+    "{tool} is not installed. It comes with Debian's `prometheus` package: run `make promtool` (what "
+    ".ci/run does), or `sudo apt-get install -y --no-install-recommends prometheus`; elsewhere, put "
+    "promtool and prometheus from a Prometheus release on PATH."
 )
 
 
