@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install promtool dev test test-fast lint format clean
+.PHONY: install promtool infra-tools dev test test-fast lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ promtool:
 	  $$sudo $(APT_GET) install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
 	  { $$sudo $(APT_GET) update && $$sudo $(APT_GET) install -y --no-install-recommends prometheus >/dev/null; }; \
 	  promtool --version | head -1; }
+
+# docker-compose (validates docker-compose.yml offline: no engine needed) and nginx (checks and
+# runs infra/nginx/nginx.conf) for tests/infra: Debian packages, installed only when missing.
+INFRA_PACKAGES := docker-compose nginx
+infra-tools:
+	@command -v docker-compose >/dev/null && { command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo $(APT_GET) install -y --no-install-recommends $(INFRA_PACKAGES) >/dev/null 2>&1 || \
+	  { $$sudo $(APT_GET) update && $$sudo $(APT_GET) install -y --no-install-recommends $(INFRA_PACKAGES) >/dev/null; }; \
+	  docker-compose version --short; }
 
 dev: install
 	$(BIN)/tally dev --demo
