@@ -10,7 +10,7 @@ TALLY_MAX_EXPORTS run at once per process; beyond that, a fast 503 with Retry-Af
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from core import metrics
@@ -65,16 +65,19 @@ async def open_export(
     first = await anext(chunks)
 
     async def body() -> AsyncIterator[bytes]:
-        yield first
-        async for chunk in chunks:
-            yield chunk
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:  # a client that went away: give the connection and the slot back now, not at GC
+            await chunks.aclose()
 
     return Export(body(), total)
 
 
 async def _chunks(
     engine: ReadEngine, gate: ExportGate, rollup: Rollup, q: RollupQuery, after: Sequence[Value] | None
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     gate.enter()
     try:
         metrics.query_computations.labels(q.rollup, "export").inc()

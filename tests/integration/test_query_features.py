@@ -162,8 +162,17 @@ async def test_exports_beyond_the_bound_get_a_fast_503(loaded: tuple[Settings, l
             body = first + b"".join([chunk async for chunk in reader])
         await asyncio.sleep(0.2)
         after = await other.get(PATH, params={**export, "limit": "100"})
+        async with http.stream("GET", PATH, params=export) as abandoned:  # a reader that goes away
+            await anext(abandoned.aiter_raw())
+        deadline, again = asyncio.get_running_loop().time() + 5, None
+        while asyncio.get_running_loop().time() < deadline:
+            again = await other.get(PATH, params={**export, "limit": "100"})
+            if again.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
     assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
     assert "exports are already running" in refused.json()["detail"]
     assert small.status_code == 200 and small.headers["x-cache"] == "miss"
     assert len(body) > 9_000_000 and body.count(b"\r\n") == 1 + 300_000  # the header and every bulk row
     assert after.status_code == 200 and after.headers["x-cache"] == "stream"  # the slot was given back
+    assert again is not None and again.status_code == 200  # also by an export whose reader left mid-way
