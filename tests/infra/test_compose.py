@@ -442,3 +442,12 @@ def test_stop_grace_outlasts_the_drain(services: dict[str, dict[str, Any]], monk
         settings = settings_of(services[name], monkeypatch)
         budget = settings.drain_seconds + settings.shutdown_grace_seconds
         assert seconds(services[name]["stop_grace_period"]) >= budget + 5, name
+
+
+def test_the_deployment_guide_names_only_real_settings() -> None:
+    guide = (ROOT / "docs" / "deployment.md").read_text()
+    fields = {f"TALLY_{name.upper()}" for name in Settings.model_fields}
+    named = set(re.findall(r"\bTALLY_[A-Z0-9_]*[A-Z0-9]\b", guide))
+    assert named and named <= fields, f"not settings: {sorted(named - fields)}"
+    for kafka in ("SECURITY_PROTOCOL", "SASL_MECHANISM", "SASL_USERNAME", "SASL_PASSWORD", "SSL_CAFILE"):
+        assert f"TALLY_KAFKA_{kafka}" in named, f"managed Kafka needs TALLY_KAFKA_{kafka} documented"
