@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,7 +283,7 @@ def test_the_health_check_command_fails_on_a_503(
     code = services["ingest-1"]["healthcheck"]["test"][3].replace("127.0.0.1:8000", f"127.0.0.1:{fake_readyz['port']}")
 
     def exit_status() -> int:
-        return subprocess.run(["python3", "-c", code], capture_output=True, timeout=30, check=False).returncode
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=False).returncode
 
     assert exit_status() == 0
     fake_readyz["status"] = 503
