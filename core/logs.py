@@ -58,8 +58,10 @@ def configure(service: str, *, level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)  # the root's level, not one uvicorn set before the app loaded
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo's requests are not news
 
 

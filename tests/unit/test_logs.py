@@ -44,14 +44,16 @@ def test_exceptions_are_one_field() -> None:
 
 
 def test_configure_sends_every_logger_through_one_json_handler(capsys: pytest.CaptureFixture[str]) -> None:
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # as an earlier uvicorn.Config leaves it
     try:
         logs.configure("ingest", level="info", fmt="json")
         logging.getLogger("uvicorn.error").info("started")
         logging.getLogger("tally.x").debug("hidden at info")
     finally:
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
+        for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers[:], lg.propagate = handlers, propagate
+            lg.setLevel(level)
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
     assert [(x["service"], x["logger"], x["msg"]) for x in lines] == [("ingest", "uvicorn.error", "started")]
