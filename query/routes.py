@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Request
 from starlette.responses import Response, StreamingResponse
 
 from core import metrics
@@ -19,12 +19,13 @@ from query.cache import Outcome, Reason
 from query.cache_policy import Entry, cache_key, etag_matches, forces_refresh, ttl_for
 from query.cursor import decode
 from query.export import open_export
-from query.params import parse_query
+from query.params import FORMATS, parse_query
 from query.planner import order_kinds
 from query.render import MEDIA_TYPES, serving
 from query.service import run_query
 from query.state import state
 from schemas.api import LagReport, Problem, QueryResult, RollupList
+from schemas.rollups import GRANULARITIES
 
 router = APIRouter()
 
@@ -34,29 +35,109 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No such rollup."},
     503: {"model": Problem, "description": "Postgres unreachable or the query timed out."},
 }
-_FILTER_DOC: dict[str, Any] = {
-    "parameters": [
-        {
-            "name": "filter",
-            "in": "query",
-            "style": "deepObject",
-            "explode": True,
-            "required": False,
-            "description": "`filter[<dimension>]=a,b`: keep rows whose dimension is one of the comma-separated "
-            "values (an empty value matches a missing dimension). `filter[<measure>]=gte:10,lt:100`: keep rows "
-            "whose merged measure is within the bounds (ops `gt`, `gte`, `lt`, `lte`, `eq`; a NULL measure "
-            "matches no bound); the measure need not be in `fields`. Repeatable for several columns.",
-            "schema": {"type": "object", "additionalProperties": {"type": "string"}},
-            "example": {"type": "purchase,page_view", "count": "gte:10"},
-        }
-    ],
-}
 
 
-def _q(description: str, example: object, **kwargs: Any) -> Any:
-    return Query(
-        description=description, examples=[example], openapi_examples={"example": {"value": example}}, **kwargs
-    )
+def _parameter(name: str, description: str, example: object, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+        "example": example,
+    }
+
+
+_TEXT: dict[str, Any] = {"type": "string"}
+# Documented here, validated once by `query.params` over the raw query string (which is also
+# how unknown parameters and `filter[<column>]` are seen). Declaring them as FastAPI
+# parameters would validate each a second time on every request: half the CPU of a cache hit.
+_QUERY_PARAMETERS: list[dict[str, Any]] = [
+    _parameter(
+        "from",
+        "Start (inclusive), floored to the granularity: ISO 8601 with an offset, a bare date (midnight in `tz`), "
+        "`now`, or relative (`-24h`, `-30m`, `-7d`, `-2w`). Default `-24h`.",
+        "-24h",
+        _TEXT,
+    ),
+    _parameter("to", "End (exclusive), ceiled to the granularity; same forms as `from`. Default `now`.", "now", _TEXT),
+    _parameter(
+        "granularity",
+        "Bucket size; not finer than the rollup's table. Weeks start on Monday (ISO); months are calendar months. "
+        "Default: the table's granularity.",
+        "hour",
+        {"type": "string", "enum": list(GRANULARITIES)},
+    ),
+    _parameter(
+        "tz",
+        "IANA time zone for day, week and month buckets (local midnights) and for bare dates in `from`/`to`; "
+        "buckets are written with its UTC offset. Minute and hour buckets are the same instants in every zone. "
+        "Default `UTC`.",
+        "Europe/Paris",
+        _TEXT,
+    ),
+    _parameter(
+        "fields",
+        "Comma-separated columns to return: `bucket`, dimensions, measures. Only these are selected and grouped; "
+        "without `bucket` the result is totals over the range. Default: all.",
+        "bucket,type,count,sum_properties_amount",
+        _TEXT,
+    ),
+    {
+        "name": "filter",
+        "in": "query",
+        "style": "deepObject",
+        "explode": True,
+        "required": False,
+        "description": "`filter[<dimension>]=a,b`: keep rows whose dimension is one of the comma-separated "
+        "values (an empty value matches a missing dimension). `filter[<measure>]=gte:10,lt:100`: keep rows "
+        "whose merged measure is within the bounds (ops `gt`, `gte`, `lt`, `lte`, `eq`; a NULL measure "
+        "matches no bound); the measure need not be in `fields`. Repeatable for several columns.",
+        "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+        "example": {"type": "purchase,page_view", "count": "gte:10"},
+    },
+    _parameter(
+        "order",
+        "Comma-separated selected columns, `-` for descending; NULLs sort last. The remaining group columns "
+        "are appended as tie-breakers. Default: the group columns ascending, bucket first.",
+        "-count,bucket",
+        _TEXT,
+    ),
+    _parameter(
+        "limit",
+        "Page size, 1 to TALLY_MAX_LIMIT (default 10000); default TALLY_DEFAULT_LIMIT. With `format=csv` it may "
+        "go up to TALLY_MAX_EXPORT_ROWS: such an export is streamed, not cached (`X-Cache: stream`), and has "
+        "no next cursor.",
+        100,
+        {"type": "integer", "minimum": 1},
+    ),
+    _parameter(
+        "cursor",
+        "The `next_cursor` of the previous page, with the same other parameters (signed; a modified cursor or "
+        "one from another query is a 400).",
+        "eyJrIjpbIjIwMjYtMTEtMjVUMTM6MDA6MDBaIl19.c2ln",
+        _TEXT,
+    ),
+    _parameter(
+        "offset",
+        "Rows to skip (LIMIT/OFFSET compatibility, at most TALLY_MAX_OFFSET); not with `cursor`.",
+        0,
+        {"type": "integer", "minimum": 0},
+    ),
+    _parameter(
+        "format",
+        "`json` (rows as objects), `columns` (an array per column) or `csv` (next cursor in `X-Next-Cursor`).",
+        "json",
+        {"type": "string", "enum": list(FORMATS)},
+    ),
+    _parameter(
+        "total",
+        "Also count the rows the whole query matches: `meta.total` and the `X-Total-Count` header. Costs a "
+        "second aggregate over the range.",
+        True,
+        {"type": "boolean"},
+    ),
+]
 
 
 @router.get("/v1/rollups", response_model=RollupList, tags=["rollups"], summary="List rollups")
@@ -78,7 +159,7 @@ async def list_rollups(request: Request) -> RollupList:
         304: {"description": "Not modified (`If-None-Match` matched the `ETag`)."},
         **_PROBLEMS,
     },
-    openapi_extra=_FILTER_DOC,
+    openapi_extra={"parameters": _QUERY_PARAMETERS},
 )
 async def query_rollup(
     request: Request,
@@ -90,86 +171,6 @@ async def query_rollup(
             openapi_examples={"example": {"value": "events_by_type"}},
         ),
     ],
-    from_: Annotated[
-        str | None,
-        _q(
-            "Start (inclusive), floored to the granularity in UTC: ISO 8601 with an offset, `now`, or relative "
-            "(`-24h`, `-30m`, `-7d`, `-2w`). Default `-24h`.",
-            "-24h",
-            alias="from",
-        ),
-    ] = None,
-    to: Annotated[
-        str | None, _q("End (exclusive), ceiled to the granularity in UTC; same forms as `from`. Default `now`.", "now")
-    ] = None,
-    granularity: Annotated[
-        Literal["minute", "hour", "day", "week", "month"] | None,
-        _q(
-            "Bucket size; not finer than the rollup's table. Weeks start on Monday (ISO); months are calendar "
-            "months. Default: the table's granularity.",
-            "hour",
-        ),
-    ] = None,
-    tz: Annotated[
-        str | None,
-        _q(
-            "IANA time zone for day, week and month buckets (local midnights) and for bare dates in `from`/`to`; "
-            "buckets are written with its UTC offset. Minute and hour buckets are the same instants in every "
-            "zone. Default `UTC`.",
-            "Europe/Paris",
-        ),
-    ] = None,
-    fields: Annotated[
-        str | None,
-        _q(
-            "Comma-separated columns to return: `bucket`, dimensions, measures. Only these are selected and "
-            "grouped; without `bucket` the result is totals over the range. Default: all.",
-            "bucket,type,count,sum_properties_amount",
-        ),
-    ] = None,
-    order: Annotated[
-        str | None,
-        _q(
-            "Comma-separated selected columns, `-` for descending; NULLs sort last. The remaining group columns "
-            "are appended as tie-breakers. Default: the group columns ascending, bucket first.",
-            "-count,bucket",
-        ),
-    ] = None,
-    limit: Annotated[
-        int | None,
-        _q(
-            "Page size, 1 to TALLY_MAX_LIMIT (default 10000); default TALLY_DEFAULT_LIMIT. With `format=csv` it "
-            "may go up to TALLY_MAX_EXPORT_ROWS: such an export is streamed, not cached (`X-Cache: stream`), "
-            "and has no next cursor.",
-            100,
-        ),
-    ] = None,
-    cursor: Annotated[
-        str | None,
-        _q(
-            "The `next_cursor` of the previous page, with the same other parameters (signed; a modified cursor or "
-            "one from another query is a 400).",
-            "eyJrIjpbIjIwMjYtMTEtMjVUMTM6MDA6MDBaIl19.c2ln",
-        ),
-    ] = None,
-    offset: Annotated[
-        int | None, _q("Rows to skip (LIMIT/OFFSET compatibility, at most TALLY_MAX_OFFSET); not with `cursor`.", 0)
-    ] = None,
-    format: Annotated[
-        Literal["json", "columns", "csv"] | None,
-        _q(
-            "`json` (rows as objects), `columns` (an array per column) or `csv` (next cursor in `X-Next-Cursor`).",
-            "json",
-        ),
-    ] = None,
-    total: Annotated[
-        bool | None,
-        _q(
-            "Also count the rows the whole query matches: `meta.total` and the `X-Total-Count` header. "
-            "Costs a second aggregate over the range.",
-            True,
-        ),
-    ] = None,
 ) -> Response:
     """Aggregates of one rollup, re-bucketed exactly and served through the Redis cache.
 
