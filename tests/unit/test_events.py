@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from schemas.events import EventLimits, InvalidEvent, lookup, normalize_event
+from schemas.events import EventLimits, InvalidEvent, _check_tree, _tree_ok, lookup, normalize_event
 
 NOW = 1_795_600_000_000  # 2026-11-25T... in epoch ms
 LIMITS = EventLimits()
@@ -123,3 +126,31 @@ def test_lookup_paths() -> None:
     assert lookup(event, ("properties", "geo", "city")) is None
     assert lookup(event, ("properties", "n", "x")) is None
     assert lookup(event, ("source",)) is None
+
+
+def test_assigned_event_ids_are_unique_random_uuid4s() -> None:
+    now = 1_764_000_000_000
+    ids = [orjson.loads(normalize_event({"type": "t"}, now, EventLimits()))["event_id"] for _ in range(2_000)]
+    assert len(set(ids)) == 2_000  # across several refills of the 256-id pool
+    parsed = [uuid.UUID(i) for i in ids]
+    assert {(u.version, u.variant) for u in parsed} == {(4, uuid.RFC_4122)}
+    assert [str(u) for u in parsed] == ids  # canonical lowercase spelling
+
+
+_leaves = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12)
+_trees = st.recursive(
+    _leaves, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    max_leaves=30,
+)
+
+
+@given(tree=st.dictionaries(st.text(max_size=10), _trees, max_size=5))
+def test_fast_property_check_agrees_with_the_explaining_walk(tree: dict[str, Any]) -> None:
+    """The hot path's string-free check accepts exactly what the path-naming walk accepts."""
+    limits = EventLimits(max_depth=3, max_key_chars=6, max_string_chars=8)
+    try:
+        _check_tree(tree, 1, limits, "properties")
+        explained_ok = True
+    except InvalidEvent:
+        explained_ok = False
+    assert _tree_ok(tree, 1, limits) is explained_ok
