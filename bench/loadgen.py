@@ -1,14 +1,41 @@
-"""A minimal keep-alive HTTP/1.1 load generator on raw asyncio streams.
+"""A keep-alive HTTP/1.1 load generator on asyncio Protocols and uvloop, run in its own
+process(es), that reports the CPU it used so that a saturated client shows.
 
-httpx costs more CPU per request than the server under test on this 2-core
-machine; this client costs a few microseconds, so the figure is the server's.
+httpx costs more CPU per request than the server under test on this 2-core machine; a
+Protocol-level client with pre-built requests costs a few microseconds per request (no
+stream readers, no header dicts: it looks for the end of the headers and Content-Length
+only), so the figure is the server's. Each load process reports its own user + system
+CPU; `LoadResult.cpu_percent` is their sum as a percentage of one core, printed beside
+every HTTP phase.
+
+Closed loop (`run_load`): `connections` connections each send the next request as soon as
+the previous answer is complete. Open loop (`paced=` requests/s): each connection sends on
+its own schedule, whatever the answers take (a late answer delays only that connection's
+next request, counted in `LoadResult.late`).
+
+Requests completing during the first `warmup` seconds are not counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import uvloop
+
+from bench.procs import CpuMeter
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -16,54 +43,273 @@ class LoadResult:
     requests: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the measured window (after the warm-up)
+    cpu_seconds: float = 0.0  # the load processes' own CPU, warm-up included
+    wall_seconds: float = 0.0  # warm-up included
+    processes: int = 1
+    late: int = 0
+    watched: dict[str, float] = field(default_factory=dict)  # CPU % of a core of the watched processes
 
     def percentile(self, p: float) -> float:
         data = sorted(self.latencies)
         return data[min(len(data) - 1, int(len(data) * p))] if data else float("nan")
 
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else float("nan")
 
-async def _connection(
-    host: str, port: int, path: str, bodies: list[bytes], headers: bytes, deadline: float, result: LoadResult
-) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
-    i = 0
-    try:
-        while time.perf_counter() < deadline:
-            body = bodies[i % len(bodies)]
-            i += 1
-            start = time.perf_counter()
-            writer.write(
-                b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + host.encode() + b"\r\n" + headers
-                + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-            )
-            status_line = await reader.readline()
-            length = 0
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b""):
-                    break
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
-            result.latencies.append(time.perf_counter() - start)
-            status = int(status_line.split(b" ", 2)[1])
-            result.statuses[status] = result.statuses.get(status, 0) + 1
-            result.requests += 1
-    finally:
-        writer.close()
+    def ok(self, status: int) -> int:
+        return self.statuses.get(status, 0)
+
+    @property
+    def cpu_percent(self) -> float:
+        """The load generator's CPU, as a percentage of one core."""
+        return 100 * self.cpu_seconds / self.wall_seconds if self.wall_seconds else float("nan")
+
+    def merge(self, other: LoadResult) -> None:
+        self.requests += other.requests
+        for k, v in other.statuses.items():
+            self.statuses[k] = self.statuses.get(k, 0) + v
+        self.latencies.extend(other.latencies)
+        self.seconds = max(self.seconds, other.seconds)
+        self.wall_seconds = max(self.wall_seconds, other.wall_seconds)
+        self.cpu_seconds += other.cpu_seconds
+        self.late += other.late
+        self.watched = self.watched or other.watched
 
 
-async def run_load(
-    host: str, port: int, path: str, bodies: list[bytes], *, seconds: float, connections: int,
-    content_type: str = "application/json",
-) -> LoadResult:
+def build_requests(host: str, port: int, path: str, bodies: Sequence[bytes], content_type: str,
+                   extra_headers: str = "") -> list[bytes]:
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n{extra_headers}"
+    return [head.encode() + b"Content-Length: " + str(len(b)).encode() + b"\r\n\r\n" + b for b in bodies]
+
+
+@dataclass
+class _Clock:
+    deadline: float  # moved forward to now by a stop request
+
+
+class _Client(asyncio.Protocol):
+    def __init__(self, requests: list[bytes], offset: int, measure_from: float, clock: _Clock,
+                 result: LoadResult, done: asyncio.Future[None], schedule: tuple[float, float] | None) -> None:
+        self._requests = requests
+        self._i = offset
+        self._measure_from = measure_from
+        self._clock = clock
+        self._result = result
+        self._done = done
+        self._buf = b""
+        self._need = -1
+        self._status = 0
+        self._sent_at = 0.0
+        self._schedule = schedule  # (next send time, interval) when paced
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._next()
+
+    def _next(self) -> None:
+        now = time.perf_counter()
+        if now >= self._clock.deadline:
+            assert self._transport is not None
+            self._transport.close()
+            return
+        if self._schedule is not None:
+            at, interval = self._schedule
+            self._schedule = (at + interval, interval)
+            if at > now:
+                self._loop.call_later(at - now, self._send)
+                return
+            if now - at > interval:
+                self._result.late += 1
+        self._send()
+
+    def _send(self) -> None:
+        assert self._transport is not None
+        if time.perf_counter() >= self._clock.deadline:  # a paced send, due after a stop
+            self._transport.close()
+            return
+        request = self._requests[self._i % len(self._requests)]
+        self._i += 1
+        self._sent_at = time.perf_counter()
+        self._transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._received(data)
+        except Exception as exc:
+            if not self._done.done():
+                self._done.set_exception(exc)
+            assert self._transport is not None
+            self._transport.abort()
+
+    def _received(self, data: bytes) -> None:
+        self._buf += data
+        while True:
+            if self._need < 0:
+                end = self._buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head = self._buf[:end].lower()
+                self._status = int(head[9:12])
+                at = head.find(b"\r\ncontent-length:")
+                if at < 0:
+                    raise RuntimeError(f"a response without Content-Length: {head[:300]!r}")
+                eol = head.find(b"\r\n", at + 17)
+                length = int(head[at + 17 : eol if eol >= 0 else len(head)])
+                self._need = end + 4 + length
+            if len(self._buf) < self._need:
+                return
+            self._buf = self._buf[self._need :]
+            self._need = -1
+            now = time.perf_counter()
+            if now >= self._measure_from:
+                r = self._result
+                r.latencies.append(now - self._sent_at)
+                r.statuses[self._status] = r.statuses.get(self._status, 0) + 1
+                r.requests += 1
+            self._next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done.done():
+            if exc is None and time.perf_counter() >= self._clock.deadline:
+                self._done.set_result(None)
+            else:
+                self._done.set_exception(exc or ConnectionError("the server closed the connection"))
+
+
+async def _load(host: str, port: int, requests: list[bytes], *, seconds: float, warmup: float, connections: int,
+                paced: float | None, first_connection: int, total_connections: int, ramp: float,
+                watch: dict[str, int] | None, watch_descendants: bool) -> LoadResult:
+    loop = asyncio.get_running_loop()
     result = LoadResult()
-    headers = f"Content-Type: {content_type}\r\n".encode()
     start = time.perf_counter()
-    deadline = start + seconds
-    await asyncio.gather(*(
-        _connection(host, port, path, bodies, headers, deadline, result) for _ in range(connections)
-    ))
-    result.seconds = time.perf_counter() - start
+    measure_from = start + warmup
+    clock = _Clock(measure_from + seconds)
+
+    def stop() -> None:
+        clock.deadline = min(clock.deadline, time.perf_counter())
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    futures = []
+    for k in range(connections):
+        if ramp and k:  # connections arrive one after another, while the first ones already load the server
+            await asyncio.sleep(max(0.0, start + ramp * k - time.perf_counter()))
+        done: asyncio.Future[None] = loop.create_future()
+        schedule = None
+        if paced:
+            interval = total_connections / paced
+            schedule = (start + interval * (first_connection + k) / total_connections, interval)
+        await loop.create_connection(
+            lambda done=done, k=k, schedule=schedule: _Client(  # type: ignore[misc]
+                requests, (first_connection + k) * 7, measure_from, clock, result, done, schedule
+            ),
+            host, port,
+        )
+        futures.append(done)
+    watched: dict[str, float] = {}
+    if watch:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        meter = CpuMeter(dict(watch), descendants=watch_descendants)
+        meter.start()
+    await asyncio.gather(*futures)
+    if watch:
+        watched = meter.stop()
+    result.seconds = time.perf_counter() - measure_from
+    result.watched = watched
     return result
+
+
+def _child() -> None:
+    """`python -m bench.loadgen`: the arguments of `_load` pickled on stdin, the LoadResult pickled on stdout."""
+    args = pickle.loads(sys.stdin.buffer.read())  # noqa: S301 - from the parent process
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(_load(**args))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    result.cpu_seconds = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+    result.wall_seconds = time.perf_counter() - t0
+    sys.stdout.buffer.write(pickle.dumps(result))
+
+
+class Load:
+    """A load running in its own processes (`python -m bench.loadgen`, so they import nothing of
+    the caller's and inherit no loop, thread or socket): `stop()` ends it early, `result()` waits."""
+
+    def __init__(
+        self, host: str, port: int, path: str, bodies: Sequence[bytes], *, seconds: float, connections: int,
+        content_type: str = "application/json", warmup: float = 0.0, processes: int | None = None,
+        paced: float | None = None, headers: dict[str, str] | None = None, ramp: float | None = None,
+        watch: dict[str, int] | None = None, watch_descendants: bool = True,
+    ) -> None:
+        if ramp is None:
+            ramp = min(0.05, warmup / 2 / connections)
+        processes = processes or max(1, min(os.cpu_count() or 1, (connections + 31) // 32))
+        self.processes = processes = min(processes, connections)
+        self._timeout = warmup + seconds + 60
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        requests = build_requests(host, port, path, bodies, content_type, extra)
+        self._children: list[subprocess.Popen[bytes]] = []
+        first = 0
+        for i in range(processes):
+            share = connections // processes + (1 if i < connections % processes else 0)
+            args = {"host": host, "port": port, "requests": requests, "seconds": seconds, "warmup": warmup,
+                    "connections": share, "paced": paced, "first_connection": first,
+                    "total_connections": connections, "ramp": ramp * processes, "watch": watch if i == 0 else None,
+                    "watch_descendants": watch_descendants}
+            first += share
+            child = subprocess.Popen([sys.executable, "-m", "bench.loadgen"], cwd=REPO, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+            assert child.stdin is not None
+            child.stdin.write(pickle.dumps(args))
+            child.stdin.close()
+            child.stdin = None  # written: communicate() only reads
+            self._children.append(child)
+
+    def stop(self) -> None:
+        for child in self._children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    def result(self) -> LoadResult:
+        total = LoadResult(processes=self.processes)
+        errors = []
+        for child in self._children:
+            try:
+                out, _ = child.communicate(timeout=self._timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                errors.append("no result within the phase's time and a minute")
+                continue
+            if child.returncode:
+                errors.append(f"exit status {child.returncode}")
+            else:
+                total.merge(pickle.loads(out))  # noqa: S301 - from our own child process
+        if errors:
+            raise RuntimeError(f"load generator failed: {errors[0]}")
+        return total
+
+
+def run_load(host: str, port: int, path: str, bodies: Sequence[bytes], **options: Any) -> LoadResult:
+    """Load `path` with POSTs of `bodies` (in turn) from separate processes (default: one per
+    32 connections); blocks until done. Options (keyword): `seconds`, `connections` (required);
+    `warmup`; `paced`: total requests/s (open loop); `content_type`, `headers`; `processes`.
+
+    `ramp`: seconds between connections (default: spread over the first half of the warm-up, at
+    most 50 ms apart). All at once, the connections all land on whichever server worker
+    accepts first (uvicorn's workers share one listening socket); one after another, while the
+    first ones keep a worker busy, they spread over the workers as they would in production.
+
+    `watch`: processes whose CPU over the measured window (after the warm-up) is reported in
+    `LoadResult.watched`, each with its descendants unless `watch_descendants` is false."""
+    return Load(host, port, path, bodies, **options).result()
+
+
+if __name__ == "__main__":
+    from bench import loadgen  # the module by its name, so that the LoadResult pickled is bench.loadgen's
+
+    loadgen._child()
