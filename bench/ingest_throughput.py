@@ -1,7 +1,21 @@
-"""Ingest events/s through HTTP, beside a bare aiokafka producer sending the same
-events (same envelopes, acks=all) to the same broker, in the same run.
+"""Ingest events/s through `POST /v1/events`, each figure beside its limits measured in the
+same run, on the same broker:
 
-    .venv/bin/python -m bench.ingest_throughput [--seconds 10] [--batch 100]
+- a bare aiokafka producer sending the same events (the same normalized envelopes, acks=all,
+  32 sends in flight) to the same broker: what Kafka and the client library allow;
+- the no-op endpoint (bench.noop_app): the same server stack and worker count, receiving the
+  same bodies and answering 202 without work: what the HTTP stack allows;
+- the straightforward endpoint (bench.naive_app): a pydantic model of the batch and one Kafka
+  record per event (acks=all): what the first obvious implementation does.
+
+    .venv/bin/python -m bench.ingest_throughput [--workers 1 2] [--batch 100 1000] [--seconds 10]
+        [--connections 16] [--sweep 1 4 16 64] [--json out.json]
+
+Every server gets the same bodies (demo events, all valid), from bench.loadgen in its own
+process(es) (closed loop, keep-alive); the load generator's CPU and the server's are printed
+beside each phase. Tally runs as `tally ingest --workers N` with auth off and the rate limiter
+on (one Redis call per request, as in production). Peak RSS (VmHWM) of every process (each
+server's supervisor and workers, the broker, Redis) is read at the end of its last phase.
 """
 
 from __future__ import annotations
@@ -10,58 +24,73 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
 
 from bench.loadgen import run_load
+from bench.procs import peak_rss, tree
 from core import devstack
 from core.kafka import ensure_topics
 from core.settings import Settings
 from schemas import envelope
-from schemas.events import normalize_event
+from schemas.events import InvalidEvent, normalize_event
+
+KINDS = ("tally", "noop", "naive")
+LABELS = {"tally": "Tally ingest", "noop": "no-op endpoint", "naive": "straightforward endpoint"}
+REPO = Path(__file__).resolve().parent.parent
 
 
 def make_bodies(batch: int, count: int = 50) -> list[bytes]:
+    """`count` bodies of `batch` demo events, every one valid (so every server accepts them all)."""
     from core.demo import demo_event
 
     rng = random.Random(1)
     now = int(time.time() * 1000)
-    return [orjson.dumps({"events": [demo_event(rng, now) for _ in range(batch)]}) for _ in range(count)]
-
-
-def _load_process(port: int, bodies: list[bytes], seconds: float, connections: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
-    result = asyncio.run(run_load("127.0.0.1", port, "/v1/events", bodies, seconds=seconds, connections=connections))
-    out.put((result.requests, result.statuses, result.percentile(0.5), result.percentile(0.99), result.seconds))
+    limits = Settings(env="test").event_limits
+    bodies = []
+    for _ in range(count):
+        events: list[dict[str, Any]] = []
+        while len(events) < batch:
+            event = demo_event(rng, now)
+            with contextlib.suppress(InvalidEvent):
+                normalize_event(dict(event), now, limits)
+                events.append(event)
+        bodies.append(orjson.dumps({"events": events}))
+    return bodies
 
 
 async def raw_producer_rate(settings: Settings, bodies: list[bytes], seconds: float) -> float:
-    """Events/s of a bare producer: the same normalized envelopes, acks=all, several sends in flight."""
+    """Events/s of a bare producer: the same normalized envelopes, acks=all, 32 sends in flight."""
     now = int(time.time() * 1000)
     values = []
-    counts = []
+    events = 0
     for body in bodies:
-        events = orjson.loads(body)["events"]
         encoded = []
-        for e in events:
-            with contextlib.suppress(ValueError):
+        for e in orjson.loads(body)["events"]:
+            with contextlib.suppress(InvalidEvent):
                 encoded.append(normalize_event(e, now, settings.event_limits))
         values.extend(envelope.pack(encoded, settings.envelope_max_bytes))
-        counts.append(len(encoded))
-    per_value = sum(counts) / len(values)
+        events += len(encoded)
+    per_value = events / len(values)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=2,
                                 max_request_size=2 * 1024 * 1024)
     await producer.start()
     sent = 0
-    start = time.perf_counter()
     try:
+        warm = [await producer.send(settings.topic, v) for v in values[:32]]
+        await asyncio.gather(*warm)
+        start = time.perf_counter()
         while time.perf_counter() - start < seconds:
             futures = [await producer.send(settings.topic, v) for v in values[:32]]
             await asyncio.gather(*futures)
@@ -72,64 +101,184 @@ async def raw_producer_rate(settings: Settings, bodies: list[bytes], seconds: fl
     return sent * per_value / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+def _get_ok(port: int, path: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+        return bool(r.status == 200)
+    return False
 
+
+def start_server(kind: str, workers: int, settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """One server under test, ready: Tally's `/readyz` (its producer is connected), the baselines' `/healthz`."""
+    if kind == "tally":
+        argv = [sys.executable, "-m", "core.cli", "ingest", "--workers", str(workers)]
+        env = settings.model_copy(update={"ingest_port": port}).process_env()
+        ready = "/readyz"
+    else:
+        argv = [sys.executable, "-m", f"bench.{kind}_app", "--port", str(port), "--workers", str(workers)]
+        env = {**os.environ, "BENCH_KAFKA": str(settings.kafka_bootstrap), "BENCH_TOPIC": settings.topic}
+        ready = "/healthz"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                preexec_fn=devstack._die_with_parent)
+    devstack.wait_for_port(port, 60, proc)
+    deadline = time.monotonic() + 60
+    while not _get_ok(port, ready):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.terminate()
+            raise RuntimeError(f"{kind} never became ready; see {log}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def http_phase(kind: str, workers: int, port: int, pid: int, bodies: list[bytes], batch: int, *, seconds: float,
+               warmup: float, connections: int) -> dict[str, Any]:
+    procs = tree(pid)  # the server, and its workers when it has several
+    load = run_load("127.0.0.1", port, "/v1/events", bodies, seconds=seconds, warmup=warmup, connections=connections,
+                    watch={str(p): p for p in procs}, watch_descendants=False)
+    server_cpu = sum(load.watched.values())
+    workers_cpu = [v for k, v in load.watched.items() if int(k) != pid and v >= 5]  # not the resource tracker
+    ok = load.ok(202)
+    return {
+        "server": kind, "workers": workers, "events_per_request": batch, "connections": connections,
+        "events_per_s": round(ok * batch / load.seconds), "requests_per_s": round(ok / load.seconds, 1),
+        "p50_ms": round(load.percentile(0.5) * 1000, 2), "p99_ms": round(load.percentile(0.99) * 1000, 2),
+        "statuses": {str(k): v for k, v in sorted(load.statuses.items())}, "seconds": round(load.seconds, 2),
+        "loadgen_processes": load.processes, "loadgen_cpu_percent": round(load.cpu_percent),
+        "server_cpu_percent": round(server_cpu), "worker_cpu_percent": workers_cpu if len(procs) > 1 else [server_cpu],
+    }
+
+
+def run(
+    *, workers: Sequence[int] = (1, 2), batches: Sequence[int] = (100, 1000), kinds: Sequence[str] = KINDS,
+    naive_plan: Iterable[tuple[int, int]] | None = None, noop_plan: Iterable[tuple[int, int]] | None = None,
+    seconds: float = 10.0, warmup: float = 2.0,
+    connections: int = 16, sweep: Sequence[int] = (), sweep_seconds: float = 3.0,
+    sweep_servers: Sequence[tuple[str, int]] = (("tally", 1), ("tally", 2), ("noop", 1), ("naive", 1)),
+    tmp: Path | None = None, log: Any = print,
+) -> dict[str, Any]:
+    """Every (server kind, workers) with each batch size, then the concurrency sweep; returns the figures.
+
+    `naive_plan`, `noop_plan`: the (workers, batch) pairs those baselines run (default: all).
+    """
+    tmp = tmp or Path(tempfile.mkdtemp(prefix="tally-bench-ingest-"))
     kafka = devstack.kafka(devstack.free_port()).start()
-    tmp = Path(tempfile.mkdtemp(prefix="tally-bench-"))
-    port = devstack.free_port()
     redis = devstack.redis(devstack.free_port()).start()
     # No key store in this bench (auth off); the rate limiter still runs (one Redis call per
     # request, as in production) with a limit high enough not to refuse anything.
     settings = Settings(env="test", kafka_bootstrap=kafka.url, redis_url=redis.url, topic="bench.events",
-                        ingest_port=port, topic_partitions=6, auth=False,
+                        topic_partitions=6, auth=False, log_level="warning",
                         rate_limit_events_per_second=int(os.environ.get("BENCH_RATE", "100000000")))
+    bodies = {b: make_bodies(b, 50 if b <= 100 else 20) for b in batches}
+    plans = {"naive": None if naive_plan is None else set(naive_plan),
+             "noop": None if noop_plan is None else set(noop_plan)}
+    phases: list[dict[str, Any]] = []
+    sweeps: list[dict[str, Any]] = []
+    memory: list[dict[str, Any]] = []
+    producer: dict[str, int] = {}
     try:
         asyncio.run(ensure_topics(settings, [settings.topic]))
-        bodies = make_bodies(args.batch)
-        env = settings.process_env()
-        log = (tmp / "ingest.log").open("wb")
-        import subprocess
-
-        server = subprocess.Popen([sys.executable, "-m", "core.cli", "ingest", "--workers", str(args.workers)],
-                                  env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, preexec_fn=devstack._die_with_parent)
-        devstack.wait_for_port(port, 30, server)
-        try:
-            queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-            loader = mp.Process(target=_load_process, args=(port, bodies, args.seconds, args.connections, queue))
-            loader.start()
-            _requests, statuses, p50, p99, secs = queue.get()
-            loader.join()
-        finally:
-            server.terminate()
-            server.wait()
-        accepted_per_request = sum(1 for b in bodies for e in orjson.loads(b)["events"]
-                                   if e["type"] != "not a valid type!") / len(bodies)
-        ok = statuses.get(202, 0)
-        http_rate = ok * accepted_per_request / secs
-        raw_rate = asyncio.run(raw_producer_rate(settings, bodies, args.seconds))
+        for b in batches:
+            producer[str(b)] = round(asyncio.run(raw_producer_rate(settings, bodies[b], seconds)))
+            log(f"  bare producer, {b} events/envelope: {producer[str(b)]:,} events/s")
+        servers = [(k, w) for k in kinds for w in workers]
+        servers += [s for s in sweep_servers if sweep and s not in servers]
+        for kind, w in servers:
+            plan = plans.get(kind)
+            todo = [b for b in batches if plan is None or (w, b) in plan] if w in workers else []
+            sweep_here = bool(sweep) and (kind, w) in sweep_servers and 100 in bodies
+            if not todo and not sweep_here:
+                continue
+            port = devstack.free_port()
+            proc = start_server(kind, w, settings, port, tmp / f"{kind}-{w}.log")
+            try:
+                for b in todo:
+                    row = http_phase(kind, w, port, proc.pid, bodies[b], b, seconds=seconds, warmup=warmup,
+                                     connections=connections)
+                    phases.append(row)
+                    log("  " + phase_line(row))
+                if sweep_here:
+                    for c in sweep:
+                        row = http_phase(kind, w, port, proc.pid, bodies[100], 100, seconds=sweep_seconds,
+                                         warmup=min(1.0, warmup), connections=c)
+                        sweeps.append(row)
+                        log("  sweep " + phase_line(row))
+                memory.extend(peak_rss(proc.pid, label=f"{kind}-{w}w"))
+            finally:
+                stop_server(proc)
+        for name, server in (("broker", kafka), ("redis", redis)):
+            assert server.process is not None
+            memory.extend(peak_rss(server.process.pid, label=name))
     finally:
         kafka.stop()
         redis.stop()
-    row = {
-        "benchmark": "ingest", "events_per_request": args.batch, "connections": args.connections,
-        "workers": args.workers, "http_events_per_s": round(http_rate), "requests_per_s": round(ok / secs),
-        "p50_ms": round(p50 * 1000, 2), "p99_ms": round(p99 * 1000, 2), "statuses": statuses,
-        "raw_producer_events_per_s": round(raw_rate), "ratio": round(http_rate / raw_rate, 3),
-        "cores": os.cpu_count(),
-    }
-    print(f"ingest over HTTP: {row['http_events_per_s']:>9,} events/s  ({row['requests_per_s']} req/s, "
-          f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, {args.batch} events/request, "
-          f"{args.connections} connections, {args.workers} worker(s), statuses {statuses})")
-    print(f"bare producer:    {row['raw_producer_events_per_s']:>9,} events/s  (same envelopes, acks=all)")
-    print(f"ratio:            {row['ratio']:.3f}")
+    return {"benchmark": "ingest", "cores": os.cpu_count(), "connections": connections, "seconds": seconds,
+            "warmup": warmup, "bare_producer_events_per_s": producer, "phases": phases, "sweep": sweeps,
+            "memory": memory, "auth": False, "rate_limiter": True}
+
+
+def find(row: dict[str, Any], server: str, workers: int, batch: int, connections: int | None = None) -> dict[str, Any]:
+    for p in row["phases"]:
+        if (p["server"], p["workers"], p["events_per_request"]) == (server, workers, batch) and (
+            connections is None or p["connections"] == connections
+        ):
+            return p
+    raise KeyError((server, workers, batch))
+
+
+def phase_line(p: dict[str, Any]) -> str:
+    return (f"{LABELS[p['server']]:<25} {p['workers']}w {p['events_per_request']:>5} ev/req "
+            f"{p['connections']:>3} conns: "
+            f"{p['events_per_s']:>9,} events/s {p['requests_per_s']:>8,.0f} req/s  p50 {p['p50_ms']:7.2f} ms  "
+            f"p99 {p['p99_ms']:7.2f} ms  CPU % of a core: loadgen {p['loadgen_cpu_percent']}, server "
+            f"{p['server_cpu_percent']} {p['worker_cpu_percent'] if p['workers'] > 1 else ''} statuses {p['statuses']}")
+
+
+def report(row: dict[str, Any]) -> Iterable[str]:
+    yield (f"{row['cores']} cores shared by everything; {row['connections']} connections, {row['seconds']:g} s per "
+           f"phase after {row['warmup']:g} s warm-up; Tally: auth off, rate limiter on")
+    for b, rate in row["bare_producer_events_per_s"].items():
+        yield f"bare aiokafka producer, same envelopes of {b}-event batches, acks=all: {rate:,} events/s"
+    for p in row["phases"]:
+        yield phase_line(p)
+    for p in row["phases"]:
+        if p["server"] != "tally":
+            continue
+        w, b = p["workers"], p["events_per_request"]
+        parts = [f"{p['events_per_s'] / row['bare_producer_events_per_s'][str(b)]:.3f} of the bare producer"]
+        for other in ("noop", "naive"):
+            with contextlib.suppress(KeyError):
+                q = find(row, other, w, b)
+                parts.append(f"{p['requests_per_s'] / q['requests_per_s']:.3f}x the {LABELS[other]}'s rate")
+        yield f"Tally {w}w {b} ev/req: " + ", ".join(parts)
+    for m in row["memory"]:
+        yield f"peak RSS {m['process']:<10} pid {m['pid']:>7}: {m['peak_rss_mib']:8.1f} MiB  {m['cmd'][:70]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--batch", type=int, nargs="+", default=[100])
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1])
+    parser.add_argument("--servers", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--sweep", type=int, nargs="*", default=[], help="connection counts for the sweep")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    row = run(workers=args.workers, batches=args.batch, kinds=args.servers, seconds=args.seconds,
+              warmup=args.warmup, connections=args.connections, sweep=args.sweep)
+    print()
+    for line in report(row):
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(row, indent=2))
 
