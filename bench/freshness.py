@@ -3,6 +3,11 @@ the query API, under a steady background load, beside the floor measured in the 
 run (one ingest round trip plus one uncached query round trip on an idle stack).
 
     .venv/bin/python -m bench.freshness [--rate 2000] [--probes 40]
+
+The background load is bench.loadgen, open loop (each request on its schedule), from its own
+process; the probes (one event each, then a no-cache query every 5 ms until it counts) come one
+after another from this process. `run()` returns the figures and every process's peak RSS
+(ingest, query, consumer, broker, Postgres, Redis) at the end, for bench.suite.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -18,15 +24,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from bench.loadgen import Load
+from bench.procs import peak_rss
 from core import devstack
-from core.demo import demo_event
 from core.migrate import migrate
 from core.settings import Settings
 
 NO_CACHE = {"cache-control": "no-cache"}
+BATCH = 100  # events per background request
+LOAD_CONNECTIONS = 8
 
 
 def spawn(command: str, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
@@ -36,16 +46,10 @@ def spawn(command: str, settings: Settings, log: Path) -> subprocess.Popen[bytes
                                 stderr=subprocess.STDOUT, preexec_fn=devstack._die_with_parent)
 
 
-async def background_load(ingest: httpx.AsyncClient, rate: int, stop: asyncio.Event) -> int:
-    rng, sent, batch = random.Random(3), 0, 100
-    interval = batch / rate
-    while not stop.is_set():
-        started = time.monotonic()
-        now = int(time.time() * 1000)
-        r = await ingest.post("/v1/events", json=[demo_event(rng, now) for _ in range(batch)])
-        sent += r.json().get("accepted", 0) if r.status_code == 202 else 0
-        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
-    return sent
+def background_bodies(count: int = 50) -> list[bytes]:
+    from bench.ingest_throughput import make_bodies
+
+    return make_bodies(BATCH, count)
 
 
 async def probe(ingest: httpx.AsyncClient, query: httpx.AsyncClient, n: int) -> tuple[float, float]:
@@ -63,9 +67,10 @@ async def probe(ingest: httpx.AsyncClient, query: httpx.AsyncClient, n: int) -> 
         await asyncio.sleep(0.005)
 
 
-async def measure(settings: Settings, rate: int, probes: int) -> dict[str, float]:
+async def measure(settings: Settings, rate: int, probes: int, *, lead: float = 2.0) -> dict[str, Any]:
     base_i = f"http://127.0.0.1:{settings.ingest_port}"
     base_q = f"http://127.0.0.1:{settings.query_port}"
+    bodies = background_bodies()
     async with httpx.AsyncClient(base_url=base_i, timeout=30) as ingest, \
             httpx.AsyncClient(base_url=base_q, timeout=30) as query:
         params = {"fields": "count", "filter[type]": "none", "from": "-10m", "to": "+10m"}
@@ -75,27 +80,84 @@ async def measure(settings: Settings, rate: int, probes: int) -> dict[str, float
             await ingest.post("/v1/events", json=[{"type": "warmup"}])
             await query.get("/v1/rollups/events_by_type", params=params, headers=NO_CACHE)
             floor_samples.append(time.perf_counter() - t0)
-        stop = asyncio.Event()
-        load = asyncio.create_task(background_load(ingest, rate, stop))
-        await asyncio.sleep(2)
-        started = time.monotonic()
-        delays = []
-        for n in range(probes):
-            delay, _ = await probe(ingest, query, n)
-            delays.append(delay)
-            await asyncio.sleep(0.1)
-        elapsed = time.monotonic() - started
-        stop.set()
-        sent = await load
+        # The background: `rate` events/s in batches of BATCH, open loop (on schedule whatever the
+        # answers take), from bench.loadgen's own process; runs until the probes are done.
+        load = Load("127.0.0.1", settings.ingest_port, "/v1/events", bodies, seconds=3600, warmup=lead,
+                    connections=LOAD_CONNECTIONS, paced=rate / BATCH, processes=1)
+        try:
+            await asyncio.sleep(lead)
+            delays = []
+            for n in range(probes):
+                delay, _ = await probe(ingest, query, n)
+                delays.append(delay)
+                await asyncio.sleep(0.1)
+        finally:
+            load.stop()
+            background = await asyncio.to_thread(load.result)
     delays.sort()
+    errors = {k: v for k, v in background.statuses.items() if k != 202}
+    if errors:
+        raise RuntimeError(f"the background load was refused: {background.statuses}")
     return {
         "target_rate": rate,
-        "background_events_per_s": round(sent / (elapsed + 2)),
+        "background_events_per_s": round(background.ok(202) * BATCH / background.seconds),
+        "background_p99_ms": round(background.percentile(0.99) * 1000, 1),
+        "background_late_sends": background.late,
+        "loadgen_cpu_percent": round(background.cpu_percent),
+        "probes": probes,
         "p50_ms": round(statistics.median(delays) * 1000, 1),
         "p99_ms": round(delays[min(len(delays) - 1, int(len(delays) * 0.99))] * 1000, 1),
+        "max_ms": round(delays[-1] * 1000, 1),
         "floor_ms": round(statistics.median(floor_samples) * 1000, 1),
         "batch_max_wait_ms": settings.batch_max_wait_ms,
     }
+
+
+def run(*, rate: int = 10_000, probes: int = 40, tmp: Path | None = None) -> dict[str, Any]:
+    """The whole pipeline on embedded servers; the figures, and every process's peak RSS."""
+    tmp = tmp or Path(tempfile.mkdtemp(prefix="tally-fresh-"))
+    servers = [devstack.kafka(devstack.free_port()).start(),
+               devstack.postgres(tmp / "pg" / "data", devstack.free_port(), durable=False).start(),
+               devstack.redis(devstack.free_port()).start()]
+    settings = Settings(env="test", kafka_bootstrap=servers[0].url, postgres_url=servers[1].url,
+                        redis_url=servers[2].url, ingest_port=devstack.free_port(),
+                        query_port=devstack.free_port(), consumer_metrics_port=devstack.free_port(),
+                        auth=False, log_level="warning")  # the bench measures the pipeline, not key checks
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    memory: list[dict[str, Any]] = []
+    try:
+        asyncio.run(migrate(settings))
+        for command, port in (("ingest", settings.ingest_port), ("query", settings.query_port),
+                              ("consume", settings.consumer_metrics_port)):
+            procs[command] = spawn(command, settings, tmp / f"{command}.log")
+            devstack.wait_for_port(port, 60, procs[command])
+        time.sleep(3)  # the consumer joins its group
+        row = asyncio.run(measure(settings, rate, probes))
+        for name, proc in procs.items():
+            memory.extend(peak_rss(proc.pid, label=name))
+        for name, server in zip(("broker", "postgres", "redis"), servers, strict=True):
+            assert server.process is not None
+            memory.extend(peak_rss(server.process.pid, label=name))
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(15)
+        for s in reversed(servers):
+            s.stop()
+    return {"benchmark": "freshness", "cores": os.cpu_count(), **row, "memory": memory}
+
+
+def report(row: dict[str, Any]) -> list[str]:
+    return [
+        f"freshness (202 -> visible via query API): p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms "
+        f"({row['probes']} probes) at {row['background_events_per_s']} events/s background (target "
+        f"{row['target_rate']}; its p99 {row['background_p99_ms']} ms; load generator {row['loadgen_cpu_percent']}% "
+        "of a core)",
+        f"floor (idle ingest + uncached query round trip): {row['floor_ms']} ms; "
+        f"consumer poll wait {row['batch_max_wait_ms']} ms",
+    ]
 
 
 def main() -> None:
@@ -104,35 +166,9 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=40)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="tally-fresh-"))
-    servers = [devstack.kafka(devstack.free_port()).start(),
-               devstack.postgres(tmp / "pg" / "data", devstack.free_port(), durable=False).start(),
-               devstack.redis(devstack.free_port()).start()]
-    settings = Settings(env="test", kafka_bootstrap=servers[0].url, postgres_url=servers[1].url,
-                        redis_url=servers[2].url, ingest_port=devstack.free_port(),
-                        query_port=devstack.free_port(), consumer_metrics_port=devstack.free_port(),
-                        auth=False)  # the bench measures the pipeline, not key checks
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        asyncio.run(migrate(settings))
-        for command, port in (("ingest", settings.ingest_port), ("query", settings.query_port),
-                              ("consume", settings.consumer_metrics_port)):
-            procs.append(spawn(command, settings, tmp / f"{command}.log"))
-            devstack.wait_for_port(port, 60, procs[-1])
-        time.sleep(3)  # the consumer joins its group
-        row = asyncio.run(measure(settings, args.rate, args.probes))
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(15)
-        for s in reversed(servers):
-            s.stop()
-    print(f"freshness (202 -> visible via query API): p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms "
-          f"at {row['background_events_per_s']} events/s background (target {args.rate})")
-    print(f"floor (idle ingest + uncached query round trip): {row['floor_ms']} ms; "
-          f"consumer poll wait {row['batch_max_wait_ms']} ms")
+    row = run(rate=args.rate, probes=args.probes)
+    for line in report(row):
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(row, indent=2))
 

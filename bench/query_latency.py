@@ -25,7 +25,8 @@ at `--concurrency` after a short warm-up:
     (see docs/query-plans.md); this shows what the read engine's setting saves.
 
 The HTTP load generator is raw asyncio streams on uvloop (a few microseconds per request); the
-CPU each process used is printed per phase, so a saturated client would show.
+CPU each process used is printed per phase, so a saturated client would show. `run()` returns
+the figures, for bench.suite.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from bench.procs import cpu_seconds
 from bench.rollup_seed import Seeded, seed_rollup
 from core import devstack
 from core.cache import redis_client
@@ -66,7 +68,6 @@ from query.planner import plan
 ROLLUP = "events_by_type"
 FIELDS = "bucket,type,count,sum_properties_amount"
 TYPES = "add_to_cart,purchase"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- measurement -------------------------------------------------------------------------------
@@ -104,31 +105,6 @@ class Phase:
             "cpu_percent_of_one_core": {k: round(v) for k, v in self.cpu.items()},
             **self.extra,
         }
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()  # fields from 3 (state) on; the name may hold spaces
-
-
-def cpu_seconds(pid: int, *, children: bool = False) -> float:
-    """User + system CPU of `pid`; with `children`, also of its live children and the reaped ones
-    (Postgres backends are children of the postmaster)."""
-    fields = _stat(pid)
-    if fields is None:
-        return 0.0
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                child = _stat(int(entry.name))
-                if child is not None and child[1] == str(pid):
-                    ticks += int(child[11]) + int(child[12])
-    return ticks / CLK_TCK
 
 
 @dataclass(frozen=True)
@@ -422,15 +398,10 @@ def report(row: dict[str, Any]) -> Iterable[str]:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=7 * 24 * 60 * 150, help="rollup rows to seed (default 7 days)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="tally-qlat-"))
+def run(*, rows: int = 7 * 24 * 60 * 150, seconds: float = 10.0, concurrency: int = 8,
+        tmp: Path | None = None) -> dict[str, Any]:
+    """Embedded servers, `rows` seeded rows, one `tally query`; the figures."""
+    tmp = tmp or Path(tempfile.mkdtemp(prefix="tally-qlat-"))
     servers = [
         devstack.kafka(devstack.free_port()).start(),
         devstack.postgres(tmp / "pg" / "data", devstack.free_port(), durable=False).start(),
@@ -450,13 +421,13 @@ def main() -> None:
     try:
         asyncio.run(migrate(settings))
         started = time.perf_counter()
-        seeded = asyncio.run(seed_rollup(str(settings.postgres_url), args.rows))
+        seeded = asyncio.run(seed_rollup(str(settings.postgres_url), rows))
         seed_seconds = time.perf_counter() - started
         proc = spawn_query(settings, tmp / "query.log")
         pids = [s.process.pid for s in servers[1:] if s.process is not None]
         procs = Processes(query=proc.pid, postgres=pids[0], redis=pids[1])
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            row = runner.run(measure(settings, seeded, procs, seconds=args.seconds, concurrency=args.concurrency))
+            row = runner.run(measure(settings, seeded, procs, seconds=seconds, concurrency=concurrency))
         row["seed_seconds"] = round(seed_seconds, 1)
     finally:
         if proc is not None:
@@ -465,6 +436,17 @@ def main() -> None:
                 proc.wait(15)
         for s in reversed(servers):
             s.stop()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=7 * 24 * 60 * 150, help="rollup rows to seed (default 7 days)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    row = run(rows=args.rows, seconds=args.seconds, concurrency=args.concurrency)
     for line in report(row):
         print(line)
     print(f"(seeded in {row['seed_seconds']} s)")
