@@ -1,7 +1,8 @@
 """Consumer events/s applied to Postgres, beside what bounds it, measured in the same run:
 (a) the same topic merely read (getmany + decode, no aggregation, no database) by one
-process (the best of --read-repeats reads), and (b) Postgres taking the resulting transactions directly (the same offset
-updates, claims and upserts, pre-aggregated, no Kafka). Then the same with TALLY_DEDUP on.
+process (the best of --read-repeats reads), and (b) Postgres taking the resulting transactions
+directly (the same offset updates, claims and upserts, pre-aggregated, no Kafka; the mean of
+one run before the consumer and one after). Then the same with TALLY_DEDUP on.
 
     .venv/bin/python -m bench.consumer_throughput [--events 600000] [--batch 100] [--no-fsync] [--json out.json]
 
@@ -250,17 +251,26 @@ async def run(args: argparse.Namespace, kafka_url: str, admin_url: str, tmp: Pat
                            "postgres_fsync": not args.no_fsync}
     for dedup in args.dedup:
         tag = "dedup_on" if dedup else "dedup_off"
-        async with fresh_database(admin_url) as url:
-            settings = base.model_copy(update={"postgres_url": url, "consumer_group": f"direct-{tag}"})
-            direct_rate = await direct(settings, batches, dedup=dedup)
-        async with fresh_database(admin_url) as url:
-            settings = base.model_copy(update={"postgres_url": url, "consumer_group": f"bench-{tag}", "dedup": dedup})
-            applied = await consumer_process(settings, ends, args.batch, tmp)
+        # Postgres direct before and after the consumer (the mean is the limit), so that the
+        # machine's drift during the run (it is shared) moves the figure and its limit together.
+        direct_rates = []
+        for when in ("before", "after"):
+            if when == "after":
+                async with fresh_database(admin_url) as url:
+                    settings = base.model_copy(
+                        update={"postgres_url": url, "consumer_group": f"bench-{tag}", "dedup": dedup}
+                    )
+                    applied = await consumer_process(settings, ends, args.batch, tmp)
+            async with fresh_database(admin_url) as url:
+                settings = base.model_copy(update={"postgres_url": url, "consumer_group": f"direct-{tag}"})
+                direct_rates.append(await direct(settings, batches, dedup=dedup))
+        direct_rate = sum(direct_rates) / len(direct_rates)
         row[tag] = {
             "consumer_events_per_s": round(applied.events_per_s),
             "measured_events": applied.window_events,
             "measured_seconds": round(applied.window_s, 2),
             "postgres_direct_events_per_s": round(direct_rate),
+            "postgres_direct_runs": [round(r) for r in direct_rates],
             "ratio_to_read_only": round(applied.events_per_s / read_rate, 3),
             "ratio_to_postgres_direct": round(applied.events_per_s / direct_rate, 3),
         }

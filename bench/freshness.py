@@ -2,12 +2,13 @@
 the query API, under a steady background load, beside the floor measured in the same
 run (one ingest round trip plus one uncached query round trip on an idle stack).
 
-    .venv/bin/python -m bench.freshness [--rate 2000] [--probes 40]
+    .venv/bin/python -m bench.freshness [--rate 2000] [--probes 200]
 
 The background load is bench.loadgen, open loop (each request on its schedule), from its own
-process; the probes (one event each, then a no-cache query every 5 ms until it counts) come one
-after another from this process. `run()` returns the figures and every process's peak RSS
-(ingest, query, consumer, broker, Postgres, Redis) at the end, for bench.suite.
+process; the probes (one event each, every 50 ms, of its own type) are sent from this process,
+which polls the query API (no-cache) every 5 ms for all the probes still awaited at once.
+`run()` returns the figures and every process's peak RSS (ingest, query, consumer, broker,
+Postgres, Redis) at the end, for bench.suite.
 """
 
 from __future__ import annotations
@@ -52,22 +53,57 @@ def background_bodies(count: int = 50) -> list[bytes]:
     return make_bodies(BATCH, count)
 
 
-async def probe(ingest: httpx.AsyncClient, query: httpx.AsyncClient, n: int) -> tuple[float, float]:
-    """(delay from 202 to visible, the ingest round trip) for one probe event."""
-    etype = f"probe_{n}_{random.randrange(1 << 30)}"
-    t0 = time.perf_counter()
-    r = await ingest.post("/v1/events", json=[{"type": etype}])
-    assert r.status_code == 202, r.text
-    acked = time.perf_counter()
-    params = {"fields": "count", "filter[type]": etype, "from": "-10m", "to": "+10m"}
-    while True:
-        data = (await query.get("/v1/rollups/events_by_type", params=params, headers=NO_CACHE)).json()["data"]
-        if data and data[0]["count"] == 1:
-            return time.perf_counter() - acked, acked - t0
-        await asyncio.sleep(0.005)
+class Probes:
+    """Probe events, one every `interval` seconds, each of its own type; one poller asks the
+    query API (no-cache) for the counts of every type still awaited, every 5 ms, and records
+    each probe's delay from its 202 to the poll that first counts it. Probes overlap (a few are
+    in flight at once), so hundreds fit in seconds without adding query load: one poll covers
+    them all, as one poll covered the single probe before."""
+
+    def __init__(self, ingest: httpx.AsyncClient, query: httpx.AsyncClient, count: int, interval: float) -> None:
+        self._ingest, self._query = ingest, query
+        self._count, self._interval = count, interval
+        self._tag = f"p{random.randrange(1 << 30):x}_"
+        self._acked: dict[str, float] = {}  # awaited: type -> when its 202 arrived
+        self.delays: list[float] = []
+        self.posts: list[float] = []  # the probes' own ingest round trips
+
+    async def _send(self) -> None:
+        start = time.perf_counter()
+        for n in range(self._count):
+            await asyncio.sleep(max(0.0, start + n * self._interval - time.perf_counter()))
+            etype = f"{self._tag}{n}"
+            t0 = time.perf_counter()
+            r = await self._ingest.post("/v1/events", json=[{"type": etype}])
+            assert r.status_code == 202, r.text
+            self._acked[etype] = time.perf_counter()
+            self.posts.append(self._acked[etype] - t0)
+
+    async def _poll(self, sender: asyncio.Task[None]) -> None:
+        while not (sender.done() and not self._acked):
+            if sender.done() and sender.exception():
+                raise sender.exception()  # type: ignore[misc]
+            awaited = list(self._acked)
+            if awaited:
+                params = {"fields": "type,count", "filter[type]": ",".join(awaited), "from": "-10m", "to": "+10m",
+                          "limit": str(len(awaited))}
+                r = await self._query.get("/v1/rollups/events_by_type", params=params, headers=NO_CACHE)
+                assert r.status_code == 200, r.text
+                seen = time.perf_counter()
+                for item in r.json()["data"]:
+                    if item["count"] >= 1 and item["type"] in self._acked:
+                        self.delays.append(seen - self._acked.pop(item["type"]))
+            await asyncio.sleep(0.005)
+
+    async def run(self) -> list[float]:
+        sender = asyncio.create_task(self._send())
+        await self._poll(sender)
+        await sender
+        return sorted(self.delays)
 
 
-async def measure(settings: Settings, rate: int, probes: int, *, lead: float = 2.0) -> dict[str, Any]:
+async def measure(settings: Settings, rate: int, probes: int, *, lead: float = 2.0,
+                  interval: float = 0.05) -> dict[str, Any]:
     base_i = f"http://127.0.0.1:{settings.ingest_port}"
     base_q = f"http://127.0.0.1:{settings.query_port}"
     bodies = background_bodies()
@@ -75,7 +111,7 @@ async def measure(settings: Settings, rate: int, probes: int, *, lead: float = 2
             httpx.AsyncClient(base_url=base_q, timeout=30) as query:
         params = {"fields": "count", "filter[type]": "none", "from": "-10m", "to": "+10m"}
         floor_samples = []
-        for _ in range(20):  # the floor: one ingest and one uncached query round trip, idle
+        for _ in range(50):  # the floor: one ingest and one uncached query round trip, idle
             t0 = time.perf_counter()
             await ingest.post("/v1/events", json=[{"type": "warmup"}])
             await query.get("/v1/rollups/events_by_type", params=params, headers=NO_CACHE)
@@ -86,15 +122,10 @@ async def measure(settings: Settings, rate: int, probes: int, *, lead: float = 2
                     connections=LOAD_CONNECTIONS, paced=rate / BATCH, processes=1)
         try:
             await asyncio.sleep(lead)
-            delays = []
-            for n in range(probes):
-                delay, _ = await probe(ingest, query, n)
-                delays.append(delay)
-                await asyncio.sleep(0.1)
+            delays = await Probes(ingest, query, probes, interval).run()
         finally:
             load.stop()
             background = await asyncio.to_thread(load.result)
-    delays.sort()
     errors = {k: v for k, v in background.statuses.items() if k != 202}
     if errors:
         raise RuntimeError(f"the background load was refused: {background.statuses}")
@@ -113,7 +144,7 @@ async def measure(settings: Settings, rate: int, probes: int, *, lead: float = 2
     }
 
 
-def run(*, rate: int = 10_000, probes: int = 40, tmp: Path | None = None) -> dict[str, Any]:
+def run(*, rate: int = 10_000, probes: int = 200, tmp: Path | None = None) -> dict[str, Any]:
     """The whole pipeline on embedded servers; the figures, and every process's peak RSS."""
     tmp = tmp or Path(tempfile.mkdtemp(prefix="tally-fresh-"))
     servers = [devstack.kafka(devstack.free_port()).start(),
@@ -163,7 +194,7 @@ def report(row: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=int, default=2000)
-    parser.add_argument("--probes", type=int, default=40)
+    parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     row = run(rate=args.rate, probes=args.probes)

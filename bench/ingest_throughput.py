@@ -32,13 +32,14 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from bench.loadgen import run_load
+from bench.loadgen import LoadResult, run_load
 from bench.procs import peak_rss, tree
 from core import devstack
 from core.kafka import ensure_topics
@@ -139,33 +140,73 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def http_phase(kind: str, workers: int, port: int, pid: int, bodies: list[bytes], batch: int, *, seconds: float,
-               warmup: float, connections: int) -> dict[str, Any]:
+@dataclass
+class Phase:
+    """One server, one batch size, one connection count: its load results over one or more rounds."""
+
+    kind: str
+    workers: int
+    batch: int
+    connections: int
+    pid: int
+    loads: list[LoadResult] = field(default_factory=list)
+
+    def add(self, load: LoadResult) -> None:
+        self.loads.append(load)
+        if load.ok(202) < load.requests:
+            raise RuntimeError(f"{self.kind} {self.workers}w answered other than 202: {load.statuses}")
+
+    def row(self) -> dict[str, Any]:
+        total = LoadResult(processes=self.loads[0].processes)
+        seconds = wall = cpu = 0.0
+        watched: dict[str, float] = {}
+        for load in self.loads:  # rounds run one after another: add their times, not max them
+            total.requests += load.requests
+            total.latencies += load.latencies
+            for k, v in load.statuses.items():
+                total.statuses[k] = total.statuses.get(k, 0) + v
+            seconds += load.seconds
+            wall += load.wall_seconds
+            cpu += load.cpu_seconds
+            for k, v in load.watched.items():
+                watched[k] = watched.get(k, 0.0) + v * load.seconds
+        watched = {k: v / seconds for k, v in watched.items()}
+        ok = total.ok(202)
+        server_cpu = sum(watched.values())
+        workers_cpu = [round(v) for k, v in watched.items() if int(k) != self.pid and v >= 5]  # not the tracker
+        return {
+            "server": self.kind, "workers": self.workers, "events_per_request": self.batch,
+            "connections": self.connections, "rounds": len(self.loads),
+            "events_per_s": round(ok * self.batch / seconds), "requests_per_s": round(ok / seconds, 1),
+            "p50_ms": round(total.percentile(0.5) * 1000, 2), "p99_ms": round(total.percentile(0.99) * 1000, 2),
+            "statuses": {str(k): v for k, v in sorted(total.statuses.items())}, "seconds": round(seconds, 2),
+            "loadgen_processes": total.processes, "loadgen_cpu_percent": round(100 * cpu / wall),
+            "server_cpu_percent": round(server_cpu),
+            "worker_cpu_percent": workers_cpu if self.workers > 1 else [round(server_cpu)],
+        }
+
+
+def load_phase(port: int, pid: int, bodies: list[bytes], *, seconds: float, warmup: float,
+               connections: int) -> LoadResult:
     procs = tree(pid)  # the server, and its workers when it has several
-    load = run_load("127.0.0.1", port, "/v1/events", bodies, seconds=seconds, warmup=warmup, connections=connections,
+    return run_load("127.0.0.1", port, "/v1/events", bodies, seconds=seconds, warmup=warmup, connections=connections,
                     watch={str(p): p for p in procs}, watch_descendants=False)
-    server_cpu = sum(load.watched.values())
-    workers_cpu = [v for k, v in load.watched.items() if int(k) != pid and v >= 5]  # not the resource tracker
-    ok = load.ok(202)
-    return {
-        "server": kind, "workers": workers, "events_per_request": batch, "connections": connections,
-        "events_per_s": round(ok * batch / load.seconds), "requests_per_s": round(ok / load.seconds, 1),
-        "p50_ms": round(load.percentile(0.5) * 1000, 2), "p99_ms": round(load.percentile(0.99) * 1000, 2),
-        "statuses": {str(k): v for k, v in sorted(load.statuses.items())}, "seconds": round(load.seconds, 2),
-        "loadgen_processes": load.processes, "loadgen_cpu_percent": round(load.cpu_percent),
-        "server_cpu_percent": round(server_cpu), "worker_cpu_percent": workers_cpu if len(procs) > 1 else [server_cpu],
-    }
 
 
 def run(
     *, workers: Sequence[int] = (1, 2), batches: Sequence[int] = (100, 1000), kinds: Sequence[str] = KINDS,
     naive_plan: Iterable[tuple[int, int]] | None = None, noop_plan: Iterable[tuple[int, int]] | None = None,
-    seconds: float = 10.0, warmup: float = 2.0,
+    seconds: float = 10.0, warmup: float = 2.0, rounds: int = 1, rewarm: float = 0.5,
     connections: int = 16, sweep: Sequence[int] = (), sweep_seconds: float = 3.0,
     sweep_servers: Sequence[tuple[str, int]] = (("tally", 1), ("tally", 2), ("noop", 1), ("naive", 1)),
     tmp: Path | None = None, log: Any = print,
 ) -> dict[str, Any]:
-    """Every (server kind, workers) with each batch size, then the concurrency sweep; returns the figures.
+    """For each worker count, every server kind at once (idle but for the one loaded); for each
+    batch size, `rounds` rounds of [bare producer, Tally, no-op, straightforward], each
+    `seconds / rounds` long, so that a figure and its limits are measured moments apart and
+    the machine's drift (it is shared) moves them together. The first load of a server has
+    `warmup` seconds of warm-up, later ones `rewarm`. Then the concurrency sweep (100
+    events/request) on `sweep_servers`. Returns the figures.
 
     `naive_plan`, `noop_plan`: the (workers, batch) pairs those baselines run (default: all).
     """
@@ -180,38 +221,58 @@ def run(
     bodies = {b: make_bodies(b, 50 if b <= 100 else 20) for b in batches}
     plans = {"naive": None if naive_plan is None else set(naive_plan),
              "noop": None if noop_plan is None else set(noop_plan)}
+
+    def planned(kind: str, w: int, b: int) -> bool:
+        plan = plans.get(kind)
+        return kind in kinds and (plan is None or (w, b) in plan)
+
     phases: list[dict[str, Any]] = []
     sweeps: list[dict[str, Any]] = []
     memory: list[dict[str, Any]] = []
-    producer: dict[str, int] = {}
+    producer: dict[str, list[float]] = {}
     try:
         asyncio.run(ensure_topics(settings, [settings.topic]))
-        for b in batches:
-            producer[str(b)] = round(asyncio.run(raw_producer_rate(settings, bodies[b], seconds)))
-            log(f"  bare producer, {b} events/envelope: {producer[str(b)]:,} events/s")
-        servers = [(k, w) for k in kinds for w in workers]
-        servers += [s for s in sweep_servers if sweep and s not in servers]
-        for kind, w in servers:
-            plan = plans.get(kind)
-            todo = [b for b in batches if plan is None or (w, b) in plan] if w in workers else []
-            sweep_here = bool(sweep) and (kind, w) in sweep_servers and 100 in bodies
-            if not todo and not sweep_here:
-                continue
-            port = devstack.free_port()
-            proc = start_server(kind, w, settings, port, tmp / f"{kind}-{w}.log")
+        for w in workers:
+            here = [k for k in KINDS if any(planned(k, w, b) for b in batches)]
+            servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+            warmed: set[str] = set()
             try:
-                for b in todo:
-                    row = http_phase(kind, w, port, proc.pid, bodies[b], b, seconds=seconds, warmup=warmup,
-                                     connections=connections)
-                    phases.append(row)
-                    log("  " + phase_line(row))
-                if sweep_here:
-                    for c in sweep:
-                        row = http_phase(kind, w, port, proc.pid, bodies[100], 100, seconds=sweep_seconds,
-                                         warmup=min(1.0, warmup), connections=c)
-                        sweeps.append(row)
-                        log("  sweep " + phase_line(row))
-                memory.extend(peak_rss(proc.pid, label=f"{kind}-{w}w"))
+                for kind in here:
+                    port = devstack.free_port()
+                    servers[kind] = (port, start_server(kind, w, settings, port, tmp / f"{kind}-{w}.log"))
+                for b in batches:
+                    todo = [k for k in here if planned(k, w, b)]
+                    measured = {k: Phase(k, w, b, connections, servers[k][1].pid) for k in todo}
+                    rates = []
+                    for _ in range(rounds):
+                        rates.append(asyncio.run(raw_producer_rate(settings, bodies[b], seconds / rounds)))
+                        for kind in todo:
+                            port, proc = servers[kind]
+                            measured[kind].add(load_phase(port, proc.pid, bodies[b], seconds=seconds / rounds,
+                                                          warmup=rewarm if kind in warmed else warmup,
+                                                          connections=connections))
+                            warmed.add(kind)
+                    producer.setdefault(str(b), []).extend(rates)
+                    for kind in todo:
+                        row = measured[kind].row()
+                        row["producer_events_per_s"] = round(sum(rates) / len(rates))  # the paired limit
+                        phases.append(row)
+                        log("  " + phase_line(row))
+                for kind, (_, proc) in servers.items():
+                    memory.extend(peak_rss(proc.pid, label=f"{kind}-{w}w"))
+            finally:
+                for _, proc in servers.values():
+                    stop_server(proc)
+        for kind, w in sweep_servers if sweep else ():
+            port = devstack.free_port()
+            proc = start_server(kind, w, settings, port, tmp / f"{kind}-{w}-sweep.log")
+            try:
+                for i, c in enumerate(sweep):
+                    phase = Phase(kind, w, 100, c, proc.pid)
+                    phase.add(load_phase(port, proc.pid, bodies[100], seconds=sweep_seconds,
+                                         warmup=warmup if i == 0 else rewarm, connections=c))
+                    sweeps.append(phase.row())
+                    log("  sweep " + phase_line(sweeps[-1]))
             finally:
                 stop_server(proc)
         for name, server in (("broker", kafka), ("redis", redis)):
@@ -221,8 +282,9 @@ def run(
         kafka.stop()
         redis.stop()
     return {"benchmark": "ingest", "cores": os.cpu_count(), "connections": connections, "seconds": seconds,
-            "warmup": warmup, "bare_producer_events_per_s": producer, "phases": phases, "sweep": sweeps,
-            "memory": memory, "auth": False, "rate_limiter": True}
+            "warmup": warmup, "rounds": rounds,
+            "bare_producer_events_per_s": {b: round(sum(v) / len(v)) for b, v in producer.items()},
+            "phases": phases, "sweep": sweeps, "memory": memory, "auth": False, "rate_limiter": True}
 
 
 def find(row: dict[str, Any], server: str, workers: int, batch: int, connections: int | None = None) -> dict[str, Any]:
@@ -253,7 +315,7 @@ def report(row: dict[str, Any]) -> Iterable[str]:
         if p["server"] != "tally":
             continue
         w, b = p["workers"], p["events_per_request"]
-        parts = [f"{p['events_per_s'] / row['bare_producer_events_per_s'][str(b)]:.3f} of the bare producer"]
+        parts = [f"{p['events_per_s'] / p['producer_events_per_s']:.3f} of the bare producer"]
         for other in ("noop", "naive"):
             with contextlib.suppress(KeyError):
                 q = find(row, other, w, b)
@@ -267,6 +329,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=1, help="alternations of the servers within --seconds")
     parser.add_argument("--batch", type=int, nargs="+", default=[100])
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, nargs="+", default=[1])
@@ -275,7 +338,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     row = run(workers=args.workers, batches=args.batch, kinds=args.servers, seconds=args.seconds,
-              warmup=args.warmup, connections=args.connections, sweep=args.sweep)
+              warmup=args.warmup, rounds=args.rounds, connections=args.connections, sweep=args.sweep)
     print()
     for line in report(row):
         print(line)
