@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install promtool infra-tools dev test test-fast lint format clean
+.PHONY: install promtool infra-tools dev test test-fast lint format clean bench bench-quick
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ test: lint
 
 test-fast: install
 	$(BIN)/pytest tests/unit
+
+# Benchmarks (bench/suite.py): every figure beside its limit measured in the same run, one table,
+# JSON in bench/results/. bench-quick (< 3 min) fails when a ratio is > 30 % worse than
+# bench/baseline.json; CI runs it after the tests. bench (~12 min) also draws the ingest chart.
+bench: install
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -m bench.suite --chart bench/results/ingest-throughput-latency.png --markdown
+
+bench-quick: install
+	$(BIN)/python -m bench.suite --quick --gate bench/baseline.json
 
 format: install
 	$(BIN)/ruff check --fix .

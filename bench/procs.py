@@ -112,3 +112,38 @@ class CpuMeter:
         assert self._before is not None
         after, elapsed = self.sample(), time.perf_counter() - self._t0
         return {name: round((after[name] - self._before[name]) / elapsed * 100) for name in after}
+
+
+def machine_ticks() -> tuple[int, int, int]:
+    """(busy, steal, total) clock ticks of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq
+    return busy, steal, busy + idle + iowait + steal
+
+
+def own_cpu_seconds() -> float:
+    """CPU of this process and of every descendant it (or they) waited for: after a benchmark has
+    stopped and reaped its servers, workers and load generators, all of them."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass
+class Foreign:
+    """CPU the machine spent on processes that are not this one or its descendants (another
+    user's tests, say), and CPU stolen by the hypervisor, over a span; in % of one core."""
+
+    _start: tuple[tuple[int, int, int], float, float] | None = None
+
+    def start(self) -> None:
+        self._start = (machine_ticks(), own_cpu_seconds(), time.perf_counter())
+
+    def stop(self) -> dict[str, float]:
+        assert self._start is not None
+        (busy0, steal0, _), own0, t0 = self._start
+        busy1, steal1, _ = machine_ticks()
+        elapsed = time.perf_counter() - t0
+        foreign = (busy1 - busy0) / CLK_TCK - (own_cpu_seconds() - own0)
+        return {"foreign_cpu_percent": round(max(0.0, foreign) / elapsed * 100),
+                "steal_percent": round((steal1 - steal0) / CLK_TCK / elapsed * 100)}
