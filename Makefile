@@ -51,7 +51,7 @@ test-fast: install
 
 # Benchmarks (bench/suite.py): every figure beside its limit measured in the same run, one table,
 # JSON in bench/results/. bench-quick (< 3 min) fails when a ratio is > 30 % worse than
-# bench/baseline.json; CI runs it after the tests. bench (~12 min) also draws the ingest chart.
+# bench/baseline.json (not committed yet, nor run by CI: issue 7). bench (~12 min) also draws the ingest chart.
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.suite --chart bench/results/ingest-throughput-latency.png --markdown
