@@ -223,7 +223,7 @@ async def wait_for_postgres(url: str) -> None:
 async def run(args: argparse.Namespace, kafka_url: str, admin_url: str, tmp: Path) -> dict[str, Any]:
     await wait_for_postgres(admin_url)
     base = Settings(env="test", kafka_bootstrap=kafka_url, postgres_url=admin_url, topic="bench.events",
-                    dlq_topic="bench.events.dlq", topic_partitions=PARTITIONS, auth=False,
+                    dlq_topic="bench.events.dlq", drain_seconds=0, topic_partitions=PARTITIONS, auth=False,
                     consumer_metrics_port=devstack.free_port())
     async with fresh_database(admin_url) as url:
         await migrate(base.model_copy(update={"postgres_url": url}))  # topics with their partition count
@@ -248,7 +248,7 @@ async def run(args: argparse.Namespace, kafka_url: str, admin_url: str, tmp: Pat
     row: dict[str, Any] = {"benchmark": "consumer", "events": events, "events_per_record": args.batch,
                            "partitions": PARTITIONS, "batch_max_records": base.batch_max_records,
                            "polls": len(batches), "read_only_events_per_s": round(read_rate), "cores": os.cpu_count(),
-                           "postgres_fsync": not args.no_fsync}
+                           "postgres_fsync": not args.no_fsync, "read_repeats": args.read_repeats}
     for dedup in args.dedup:
         tag = "dedup_on" if dedup else "dedup_off"
         # Postgres direct before and after the consumer (the mean is the limit), so that the

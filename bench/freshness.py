@@ -109,13 +109,20 @@ async def measure(settings: Settings, rate: int, probes: int, *, lead: float = 2
     bodies = background_bodies()
     async with httpx.AsyncClient(base_url=base_i, timeout=30) as ingest, \
             httpx.AsyncClient(base_url=base_q, timeout=30) as query:
-        params = {"fields": "count", "filter[type]": "none", "from": "-10m", "to": "+10m"}
-        floor_samples = []
-        for _ in range(50):  # the floor: one ingest and one uncached query round trip, idle
-            t0 = time.perf_counter()
-            await ingest.post("/v1/events", json=[{"type": "warmup"}])
-            await query.get("/v1/rollups/events_by_type", params=params, headers=NO_CACHE)
-            floor_samples.append(time.perf_counter() - t0)
+
+        async def floor(n: int) -> list[float]:
+            """One ingest and one uncached query round trip on the idle stack, `n` times."""
+            params = {"fields": "count", "filter[type]": "none", "from": "-10m", "to": "+10m"}
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await ingest.post("/v1/events", json=[{"type": "warmup"}])
+                await query.get("/v1/rollups/events_by_type", params=params, headers=NO_CACHE)
+                samples.append(time.perf_counter() - t0)
+            return samples
+
+        await floor(20)  # warm-up: pools, caches, the first plans
+        floor_samples = await floor(60)
         # The background: `rate` events/s in batches of BATCH, open loop (on schedule whatever the
         # answers take), from bench.loadgen's own process; runs until the probes are done.
         load = Load("127.0.0.1", settings.ingest_port, "/v1/events", bodies, seconds=3600, warmup=lead,
@@ -126,6 +133,10 @@ async def measure(settings: Settings, rate: int, probes: int, *, lead: float = 2
         finally:
             load.stop()
             background = await asyncio.to_thread(load.result)
+        # The floor again once the load has stopped and the consumer caught up: the median of both
+        # sets, so that it is not one moment's reading on a machine whose speed drifts.
+        await asyncio.sleep(0.5)
+        floor_samples += await floor(60)
     errors = {k: v for k, v in background.statuses.items() if k != 202}
     if errors:
         raise RuntimeError(f"the background load was refused: {background.statuses}")
@@ -150,7 +161,7 @@ def run(*, rate: int = 10_000, probes: int = 200, tmp: Path | None = None) -> di
     servers = [devstack.kafka(devstack.free_port()).start(),
                devstack.postgres(tmp / "pg" / "data", devstack.free_port(), durable=False).start(),
                devstack.redis(devstack.free_port()).start()]
-    settings = Settings(env="test", kafka_bootstrap=servers[0].url, postgres_url=servers[1].url,
+    settings = Settings(env="test", kafka_bootstrap=servers[0].url, postgres_url=servers[1].url, drain_seconds=0,
                         redis_url=servers[2].url, ingest_port=devstack.free_port(),
                         query_port=devstack.free_port(), consumer_metrics_port=devstack.free_port(),
                         auth=False, log_level="warning")  # the bench measures the pipeline, not key checks

@@ -38,6 +38,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.loadgen import LoadResult, run_load
 from bench.procs import peak_rss, tree
@@ -102,25 +103,37 @@ async def raw_producer_rate(settings: Settings, bodies: list[bytes], seconds: fl
     return sent * per_value / (time.perf_counter() - start)
 
 
+async def delete_topic(settings: Settings) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="bench-admin")
+    await admin.start()
+    try:
+        await admin.delete_topics([settings.topic])
+    finally:
+        await admin.close()
+
+
 def _get_ok(port: int, path: str) -> bool:
     with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
         return bool(r.status == 200)
     return False
 
 
-def start_server(kind: str, workers: int, settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
-    """One server under test, ready: Tally's `/readyz` (its producer is connected), the baselines' `/healthz`."""
+def spawn_server(kind: str, workers: int, settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """One server under test, started (see `wait_ready`)."""
     if kind == "tally":
         argv = [sys.executable, "-m", "core.cli", "ingest", "--workers", str(workers)]
         env = settings.model_copy(update={"ingest_port": port}).process_env()
-        ready = "/readyz"
     else:
         argv = [sys.executable, "-m", f"bench.{kind}_app", "--port", str(port), "--workers", str(workers)]
         env = {**os.environ, "BENCH_KAFKA": str(settings.kafka_bootstrap), "BENCH_TOPIC": settings.topic}
-        ready = "/healthz"
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                                 preexec_fn=devstack._die_with_parent)
+
+
+def wait_ready(kind: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until Tally's `/readyz` (its producer is connected) or the baselines' `/healthz` answers 200."""
+    ready = "/readyz" if kind == "tally" else "/healthz"
     devstack.wait_for_port(port, 60, proc)
     deadline = time.monotonic() + 60
     while not _get_ok(port, ready):
@@ -128,6 +141,11 @@ def start_server(kind: str, workers: int, settings: Settings, port: int, log: Pa
             proc.terminate()
             raise RuntimeError(f"{kind} never became ready; see {log}")
         time.sleep(0.05)
+
+
+def start_server(kind: str, workers: int, settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+    proc = spawn_server(kind, workers, settings, port, log)
+    wait_ready(kind, port, proc, log)
     return proc
 
 
@@ -196,7 +214,8 @@ def load_phase(port: int, pid: int, bodies: list[bytes], *, seconds: float, warm
 def run(
     *, workers: Sequence[int] = (1, 2), batches: Sequence[int] = (100, 1000), kinds: Sequence[str] = KINDS,
     naive_plan: Iterable[tuple[int, int]] | None = None, noop_plan: Iterable[tuple[int, int]] | None = None,
-    seconds: float = 10.0, warmup: float = 2.0, rounds: int = 1, rewarm: float = 0.5,
+    seconds: float = 10.0, seconds_by_batch: dict[int, float] | None = None, warmup: float = 2.0, rounds: int = 1,
+    rewarm: float = 0.5,
     connections: int = 16, sweep: Sequence[int] = (), sweep_seconds: float = 3.0,
     sweep_servers: Sequence[tuple[str, int]] = (("tally", 1), ("tally", 2), ("noop", 1), ("naive", 1)),
     tmp: Path | None = None, log: Any = print,
@@ -209,6 +228,7 @@ def run(
     events/request) on `sweep_servers`. Returns the figures.
 
     `naive_plan`, `noop_plan`: the (workers, batch) pairs those baselines run (default: all).
+    `seconds_by_batch`: another `seconds` for some batch sizes.
     """
     tmp = tmp or Path(tempfile.mkdtemp(prefix="tally-bench-ingest-"))
     kafka = devstack.kafka(devstack.free_port()).start()
@@ -216,7 +236,7 @@ def run(
     # No key store in this bench (auth off); the rate limiter still runs (one Redis call per
     # request, as in production) with a limit high enough not to refuse anything.
     settings = Settings(env="test", kafka_bootstrap=kafka.url, redis_url=redis.url, topic="bench.events",
-                        topic_partitions=6, auth=False, log_level="warning",
+                        drain_seconds=0, topic_partitions=6, auth=False, log_level="warning",
                         rate_limit_events_per_second=int(os.environ.get("BENCH_RATE", "100000000")))
     bodies = {b: make_bodies(b, 50 if b <= 100 else 20) for b in batches}
     plans = {"naive": None if naive_plan is None else set(naive_plan),
@@ -231,24 +251,30 @@ def run(
     memory: list[dict[str, Any]] = []
     producer: dict[str, list[float]] = {}
     try:
-        asyncio.run(ensure_topics(settings, [settings.topic]))
         for w in workers:
             here = [k for k in KINDS if any(planned(k, w, b) for b in batches)]
             servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
             warmed: set[str] = set()
+            # A topic per worker count, deleted after it: the broker keeps records in memory, and
+            # should not grow (and maybe slow) over the whole run.
+            group = settings.model_copy(update={"topic": f"bench.events.{w}w"})
+            asyncio.run(ensure_topics(group, [group.topic]))
             try:
-                for kind in here:
+                for kind in here:  # started together, then waited for
                     port = devstack.free_port()
-                    servers[kind] = (port, start_server(kind, w, settings, port, tmp / f"{kind}-{w}.log"))
+                    servers[kind] = (port, spawn_server(kind, w, group, port, tmp / f"{kind}-{w}.log"))
+                for kind, (port, proc) in servers.items():
+                    wait_ready(kind, port, proc, tmp / f"{kind}-{w}.log")
                 for b in batches:
+                    span = (seconds_by_batch or {}).get(b, seconds)
                     todo = [k for k in here if planned(k, w, b)]
                     measured = {k: Phase(k, w, b, connections, servers[k][1].pid) for k in todo}
                     rates = []
                     for _ in range(rounds):
-                        rates.append(asyncio.run(raw_producer_rate(settings, bodies[b], seconds / rounds)))
+                        rates.append(asyncio.run(raw_producer_rate(group, bodies[b], span / rounds)))
                         for kind in todo:
                             port, proc = servers[kind]
-                            measured[kind].add(load_phase(port, proc.pid, bodies[b], seconds=seconds / rounds,
+                            measured[kind].add(load_phase(port, proc.pid, bodies[b], seconds=span / rounds,
                                                           warmup=rewarm if kind in warmed else warmup,
                                                           connections=connections))
                             warmed.add(kind)
@@ -263,9 +289,12 @@ def run(
             finally:
                 for _, proc in servers.values():
                     stop_server(proc)
+                asyncio.run(delete_topic(group))
         for kind, w in sweep_servers if sweep else ():
             port = devstack.free_port()
-            proc = start_server(kind, w, settings, port, tmp / f"{kind}-{w}-sweep.log")
+            group = settings.model_copy(update={"topic": f"bench.events.sweep.{kind}.{w}w"})
+            asyncio.run(ensure_topics(group, [group.topic]))
+            proc = start_server(kind, w, group, port, tmp / f"{kind}-{w}-sweep.log")
             try:
                 for i, c in enumerate(sweep):
                     phase = Phase(kind, w, 100, c, proc.pid)
@@ -275,6 +304,7 @@ def run(
                     log("  sweep " + phase_line(sweeps[-1]))
             finally:
                 stop_server(proc)
+                asyncio.run(delete_topic(group))
         for name, server in (("broker", kafka), ("redis", redis)):
             assert server.process is not None
             memory.extend(peak_rss(server.process.pid, label=name))

@@ -19,9 +19,13 @@ Requests completing during the first `warmup` seconds are not counted.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import ctypes
 import os
 import pickle
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -192,7 +196,7 @@ async def _load(host: str, port: int, requests: list[bytes], *, seconds: float, 
     def stop() -> None:
         clock.deadline = min(clock.deadline, time.perf_counter())
 
-    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGUSR1, stop)
     futures = []
     for k in range(connections):
         if ramp and k:  # connections arrive one after another, while the first ones already load the server
@@ -222,22 +226,67 @@ async def _load(host: str, port: int, requests: list[bytes], *, seconds: float, 
     return result
 
 
-def _child() -> None:
-    """`python -m bench.loadgen`: the arguments of `_load` pickled on stdin, the LoadResult pickled on stdout."""
-    args = pickle.loads(sys.stdin.buffer.read())  # noqa: S301 - from the parent process
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(_load(**args))
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    result.cpu_seconds = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-    result.wall_seconds = time.perf_counter() - t0
-    sys.stdout.buffer.write(pickle.dumps(result))
+def _serve() -> None:
+    """`python -m bench.loadgen`: jobs (the arguments of `_load`) come pickled on stdin, each
+    preceded by its length; each LoadResult goes back the same way on stdout. Runs until stdin
+    closes, so one process serves every phase of a benchmark (no start-up per phase)."""
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a stop between jobs stops nothing
+        head = inp.read(8)
+        if len(head) < 8:
+            return
+        args = pickle.loads(inp.read(int.from_bytes(head, "big")))  # noqa: S301 - from the parent process
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        try:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                result = runner.run(_load(**args))
+        except Exception as exc:
+            payload: tuple[str, Any] = ("error", repr(exc))
+        else:
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            result.cpu_seconds = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+            result.wall_seconds = time.perf_counter() - t0
+            payload = ("ok", result)
+        data = pickle.dumps(payload)
+        out.write(len(data).to_bytes(8, "big") + data)
+        out.flush()
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+_IDLE: list[subprocess.Popen[bytes]] = []  # load processes waiting for their next job
+
+
+def _take() -> subprocess.Popen[bytes]:
+    while _IDLE:
+        worker = _IDLE.pop()
+        if worker.poll() is None:
+            return worker
+    return subprocess.Popen([sys.executable, "-m", "bench.loadgen"], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, preexec_fn=_die_with_parent)
+
+
+@atexit.register
+def _close_idle() -> None:
+    while _IDLE:
+        worker = _IDLE.pop()
+        with contextlib.suppress(OSError):
+            assert worker.stdin is not None
+            worker.stdin.close()
+        try:
+            worker.wait(5)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 class Load:
     """A load running in its own processes (`python -m bench.loadgen`, so they import nothing of
-    the caller's and inherit no loop, thread or socket): `stop()` ends it early, `result()` waits."""
+    the caller's and inherit no loop, thread or socket; kept for the next load once done):
+    `stop()` ends it early, `result()` waits for it."""
 
     def __init__(
         self, host: str, port: int, path: str, bodies: Sequence[bytes], *, seconds: float, connections: int,
@@ -252,7 +301,7 @@ class Load:
         self._timeout = warmup + seconds + 60
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         requests = build_requests(host, port, path, bodies, content_type, extra)
-        self._children: list[subprocess.Popen[bytes]] = []
+        self._workers: list[subprocess.Popen[bytes]] = []
         first = 0
         for i in range(processes):
             share = connections // processes + (1 if i < connections % processes else 0)
@@ -261,34 +310,40 @@ class Load:
                     "total_connections": connections, "ramp": ramp * processes, "watch": watch if i == 0 else None,
                     "watch_descendants": watch_descendants}
             first += share
-            child = subprocess.Popen([sys.executable, "-m", "bench.loadgen"], cwd=REPO, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE)
-            assert child.stdin is not None
-            child.stdin.write(pickle.dumps(args))
-            child.stdin.close()
-            child.stdin = None  # written: communicate() only reads
-            self._children.append(child)
+            worker = _take()
+            assert worker.stdin is not None
+            data = pickle.dumps(args)
+            worker.stdin.write(len(data).to_bytes(8, "big") + data)
+            worker.stdin.flush()
+            self._workers.append(worker)
 
     def stop(self) -> None:
-        for child in self._children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        for worker in self._workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGUSR1)
+
+    def _read(self, worker: subprocess.Popen[bytes]) -> tuple[str, Any]:
+        assert worker.stdout is not None
+        ready, _, _ = select.select([worker.stdout], [], [], self._timeout)
+        if not ready:
+            return "error", "no result within the phase's time and a minute"
+        head = worker.stdout.read(8)
+        if len(head) < 8:
+            return "error", f"the load process exited ({worker.wait()})"
+        return pickle.loads(worker.stdout.read(int.from_bytes(head, "big")))  # type: ignore[no-any-return]  # noqa: S301
 
     def result(self) -> LoadResult:
         total = LoadResult(processes=self.processes)
         errors = []
-        for child in self._children:
-            try:
-                out, _ = child.communicate(timeout=self._timeout)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-                errors.append("no result within the phase's time and a minute")
-                continue
-            if child.returncode:
-                errors.append(f"exit status {child.returncode}")
+        for worker in self._workers:
+            kind, value = self._read(worker)
+            if kind == "ok":
+                total.merge(value)
+                _IDLE.append(worker)
             else:
-                total.merge(pickle.loads(out))  # noqa: S301 - from our own child process
+                errors.append(value)
+                worker.kill()
+                worker.wait()
         if errors:
             raise RuntimeError(f"load generator failed: {errors[0]}")
         return total
@@ -312,4 +367,4 @@ def run_load(host: str, port: int, path: str, bodies: Sequence[bytes], **options
 if __name__ == "__main__":
     from bench import loadgen  # the module by its name, so that the LoadResult pickled is bench.loadgen's
 
-    loadgen._child()
+    loadgen._serve()

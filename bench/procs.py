@@ -123,10 +123,15 @@ def machine_ticks() -> tuple[int, int, int]:
 
 
 def own_cpu_seconds() -> float:
-    """CPU of this process and of every descendant it (or they) waited for: after a benchmark has
-    stopped and reaped its servers, workers and load generators, all of them."""
+    """CPU of this process and all its descendants: those alive (with the children they reaped)
+    and those it reaped (with theirs)."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    total = t.user + t.system + t.children_user + t.children_system
+    for pid in tree(os.getpid())[1:]:
+        fields = _stat(pid)
+        if fields is not None:
+            total += sum(int(x) for x in fields[11:15]) / CLK_TCK
+    return total
 
 
 @dataclass

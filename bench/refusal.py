@@ -66,6 +66,7 @@ def run(*, requests: int = 500) -> dict[str, Any]:
     redis = devstack.redis(devstack.free_port()).start()
     port = devstack.free_port()
     settings = Settings(env="test", kafka_bootstrap=kafka.url, redis_url=redis.url, ingest_port=port, auth=False,
+                        drain_seconds=0,
                         max_inflight_bytes=1, produce_timeout_seconds=30, topic="bench.refusal", log_level="warning")
     server = None
     try:
