@@ -12,7 +12,8 @@ The query: a closed 24 h range (older than the lateness window, so cached for an
 at `--concurrency` after a short warm-up:
 
 (a) cached: GETs answered from Redis (every response checked: `X-Cache: hit`, the same rows);
-(c) bare Redis GET of that entry's key with redis.asyncio, configured as the service's client;
+(c) bare Redis GET of that entry's key with redis.asyncio, configured as the service's client
+    ((a) and (c) alternate in --rounds rounds, so that each is measured moments from the other);
 (b) uncached: GETs with `Cache-Control: no-cache` (every response `X-Cache: miss`, the same
     rows). Identical concurrent misses share one computation (single flight), so each connection
     asks with its own `limit` (1000, 999, ...: the same rows and SQL, another cache key), and the
@@ -144,6 +145,19 @@ async def timed(
     return phase
 
 
+def merged(name: str, rounds: Sequence[Phase]) -> Phase:
+    """One phase from rounds run at different moments: their latencies, their summed time, their
+    CPU weighted by time."""
+    out = Phase(name)
+    for r in rounds:
+        out.latencies += r.latencies
+        out.seconds += r.seconds
+        for k, v in r.cpu.items():
+            out.cpu[k] = out.cpu.get(k, 0.0) + v * r.seconds
+    out.cpu = {k: v / out.seconds for k, v in out.cpu.items()}
+    return out
+
+
 class Http:
     """Keep-alive HTTP/1.1 connections on raw streams, one request URL each; `get` uses any idle
     one. (httpx would cost the client more CPU per request than the server spends, on the same
@@ -222,7 +236,7 @@ async def scrape(port: int) -> str:
 
 async def measure(
     settings: Settings, seeded: Seeded, procs: Processes, *, seconds: float, concurrency: int,
-    generic_plans: bool = True,
+    generic_plans: bool = True, rounds: int = 1,
 ) -> dict[str, Any]:
     items = query_items(seeded)
     path = f"/v1/rollups/{ROLLUP}?" + urllib.parse.urlencode(items)
@@ -245,10 +259,6 @@ async def measure(
         if status != 200 or headers.get(b"x-cache") != b"hit" or orjson.loads(body)["data"] != reference:
             raise AssertionError(f"not the cached entry: {status} {headers.get(b'x-cache')!r} {body[:200]!r}")
 
-    await timed(Phase("warmup"), procs, cached_get, seconds=warmup, concurrency=concurrency)
-    phases["a_cached"] = await timed(Phase("a"), procs, cached_get, seconds=seconds, concurrency=concurrency)
-    await cached.close()
-
     # (c) the entry itself: the one query key under this run's prefix (not a lock), holding the body.
     redis = redis_client(str(settings.redis_url))
     try:
@@ -265,11 +275,21 @@ async def measure(
             if await redis.get(key) != stored:
                 raise AssertionError("the cache entry changed during the Redis phase")
 
+        # (a) and (c) alternate in `rounds` rounds, so that each is measured moments from the other.
+        await timed(Phase("warmup"), procs, cached_get, seconds=warmup, concurrency=concurrency)
         await timed(Phase("warmup"), procs, redis_get, seconds=warmup, concurrency=concurrency)
-        phases["c_redis"] = await timed(Phase("c"), procs, redis_get, seconds=seconds, concurrency=concurrency)
+        a_rounds, c_rounds = [], []
+        for _ in range(rounds):
+            a_rounds.append(await timed(Phase("a"), procs, cached_get, seconds=seconds / rounds,
+                                        concurrency=concurrency))
+            c_rounds.append(await timed(Phase("c"), procs, redis_get, seconds=seconds / rounds,
+                                        concurrency=concurrency))
+        phases["a_cached"] = merged("a", a_rounds)
+        phases["c_redis"] = merged("c", c_rounds)
         phases["c_redis"].extra = {"entry_bytes": len(stored)}
     finally:
         await redis.aclose()
+        await cached.close()
 
     # (b) uncached: every answer a miss; count the Postgres reads the service made.
     # Identical concurrent misses share one computation (single flight), so each connection asks
@@ -337,6 +357,7 @@ async def measure(
         "body_bytes": len(hit_body),
         "concurrency": concurrency,
         "seconds_per_phase": seconds,
+        "rounds_a_c": rounds,
         "cores": os.cpu_count(),
         "sql": str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})),
         **{name: p.row() for name, p in phases.items()},
@@ -407,7 +428,7 @@ def report(row: dict[str, Any]) -> Iterable[str]:
 
 
 def run(*, rows: int = 7 * 24 * 60 * 150, seconds: float = 10.0, concurrency: int = 8, generic_plans: bool = True,
-        tmp: Path | None = None) -> dict[str, Any]:
+        rounds: int = 1, tmp: Path | None = None) -> dict[str, Any]:
     """Embedded servers, `rows` seeded rows, one `tally query`; the figures."""
     tmp = tmp or Path(tempfile.mkdtemp(prefix="tally-qlat-"))
     servers = [
@@ -437,7 +458,7 @@ def run(*, rows: int = 7 * 24 * 60 * 150, seconds: float = 10.0, concurrency: in
         procs = Processes(query=proc.pid, postgres=pids[0], redis=pids[1])
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             row = runner.run(measure(settings, seeded, procs, seconds=seconds, concurrency=concurrency,
-                                     generic_plans=generic_plans))
+                                     generic_plans=generic_plans, rounds=rounds))
         row["seed_seconds"] = round(seed_seconds, 1)
     finally:
         if proc is not None:
@@ -454,9 +475,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=7 * 24 * 60 * 150, help="rollup rows to seed (default 7 days)")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1, help="alternations of (a) and (c) within --seconds")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    row = run(rows=args.rows, seconds=args.seconds, concurrency=args.concurrency)
+    row = run(rows=args.rows, seconds=args.seconds, concurrency=args.concurrency, rounds=args.rounds)
     for line in report(row):
         print(line)
     print(f"(seeded in {row['seed_seconds']} s)")

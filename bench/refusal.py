@@ -1,6 +1,6 @@
 """Time to refuse when saturated: a stalled broker (SIGSTOP) holds the in-flight budget,
 and every further batch must get its 503 at once. Printed beside a `/healthz` round
-trip on the same server, the floor of any answer.
+trip on the same server, the floor of any answer, taken alternately with the refusals.
 
     .venv/bin/python -m bench.refusal [--requests 500] [--json out.json]
 
@@ -33,22 +33,23 @@ def pct(data: list[float], p: float) -> float:
 
 
 async def measure(port: int, kafka: devstack.EmbeddedServer, n: int) -> tuple[list[float], list[float], int]:
+    """`n` refusals and `n` /healthz round trips, alternately, while the broker is stopped: each
+    refusal is measured beside the floor of any answer a moment apart."""
     batch = {"events": [{"type": "r", "properties": {"pad": "x" * 100}}] * 100}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
         for _ in range(20):
             await http.post("/v1/events", json=batch)
-        health = []
-        for _ in range(n):
-            t = time.perf_counter()
             await http.get("/healthz")
-            health.append(time.perf_counter() - t)
         assert kafka.process is not None
         kafka.process.send_signal(signal.SIGSTOP)
         try:
             stuck = asyncio.create_task(http.post("/v1/events", json=batch))
             await asyncio.sleep(0.3)
-            refusals, statuses = [], set()
+            refusals, health, statuses = [], [], set()
             for _ in range(n):
+                t = time.perf_counter()
+                await http.get("/healthz")
+                health.append(time.perf_counter() - t)
                 t = time.perf_counter()
                 r = await http.post("/v1/events", json=batch)
                 refusals.append(time.perf_counter() - t)

@@ -55,8 +55,8 @@ QUICK = Mode(
             "warmup": 1.0, "rewarm": 0.25, "rounds": 3, "connections": 16, "naive_plan": [(1, 100)]},
     consumer={"events": 200_000, "dedup": (False,), "read_repeats": 5},
     freshness={"rate": 10_000, "probes": 200},
-    query={"rows": 24 * 60 * 150, "seconds": 3.0, "concurrency": 8, "generic_plans": False},
-    refusal={"requests": 300},
+    query={"rows": 24 * 60 * 150, "seconds": 3.0, "concurrency": 8, "generic_plans": False, "rounds": 3},
+    refusal={"requests": 1000},
 )
 FULL = Mode(
     "full",
@@ -64,8 +64,8 @@ FULL = Mode(
             "connections": 16, "sweep": (1, 2, 4, 8, 16, 32, 64), "sweep_seconds": 4.0},
     consumer={"events": 600_000, "dedup": (False, True), "read_repeats": 5},
     freshness={"rate": 10_000, "probes": 600},
-    query={"rows": 7 * 24 * 60 * 150, "seconds": 10.0, "concurrency": 8},
-    refusal={"requests": 500},
+    query={"rows": 7 * 24 * 60 * 150, "seconds": 10.0, "concurrency": 8, "rounds": 3},
+    refusal={"requests": 2000},
 )
 
 
@@ -260,7 +260,7 @@ def refusal_figures(row: dict[str, Any]) -> list[Figure]:
     return [Figure("refusal", "503 when saturated, p50", row["refusal_p50_ms"], "ms", "/healthz round trip, p50",
                    row["healthz_p50_ms"], better="lower", key="refusal_p50_vs_healthz",
                    detail=f"p99 {row['refusal_p99_ms']:.2f} ms",
-                   conditions=f"{row['requests']} sequential requests, broker stopped (SIGSTOP)")]
+                   conditions=f"{row['requests']} requests alternating with /healthz, broker stopped (SIGSTOP)")]
 
 
 # -- running ------------------------------------------------------------------------------------
