@@ -202,7 +202,8 @@ async def consumer_process(settings: Settings, ends: dict[int, int], batch: int,
                        now - started)
     finally:
         await conn.close()
-        proc.terminate()
+        if proc.returncode is None:  # terminate() on an exited process raises and hides why it exited
+            proc.terminate()
         await asyncio.wait_for(proc.wait(), 30)
 
 
