@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -135,6 +136,13 @@ def test_assigned_event_ids_are_unique_random_uuid4s() -> None:
     parsed = [uuid.UUID(i) for i in ids]
     assert {(u.version, u.variant) for u in parsed} == {(4, uuid.RFC_4122)}
     assert [str(u) for u in parsed] == ids  # canonical lowercase spelling
+    fixed = {14: {"4"}, 19: set("89ab")}  # the version digit, and the variant's two fixed bits
+    for position in range(36):
+        seen = {i[position] for i in ids}
+        if ids[0][position] == "-":
+            assert seen == {"-"}
+        else:  # every random digit takes every value it may take: no slice repeats or lags
+            assert seen == fixed.get(position, set("0123456789abcdef")), position
 
 
 _leaves = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12)
@@ -154,3 +162,22 @@ def test_fast_property_check_agrees_with_the_explaining_walk(tree: dict[str, Any
     except InvalidEvent:
         explained_ok = False
     assert _tree_ok(tree, 1, limits) is explained_ok
+
+
+def test_a_forked_child_draws_its_own_ids() -> None:
+    """Workers are forked: a child reusing the parent's pool would hand out the parent's next ids."""
+    from schemas.events import _random_ids
+
+    _random_ids.next()  # the pool is full now, 255 ids left in it
+    parents_next = list(_random_ids.ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the ids it would assign, then leave without pytest's cleanup
+        os.write(write, ",".join(_random_ids.next() for _ in range(300)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child_ids = pipe.read().split(",")
+    os.waitpid(pid, 0)
+    assert len(child_ids) == 300
+    assert not set(child_ids) & set(parents_next)
