@@ -42,7 +42,7 @@ def check_event(event: Any) -> None:
     if not isinstance(event, dict):
         raise Invalid("not_object", "event is not a JSON object")
     etype = event.get("type")
-    if not isinstance(etype, str) or not TYPE_PATTERN.match(etype):
+    if not isinstance(etype, str) or not TYPE_PATTERN.fullmatch(etype):
         raise Invalid("bad_type", f"type is missing or does not match {TYPE_PATTERN.pattern}")
     ts = event.get("ts")
     if type(ts) is not int:

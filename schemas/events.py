@@ -182,7 +182,7 @@ def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits, skew_ms:
     if unknown:
         raise InvalidEvent(f"unknown field(s): {', '.join(sorted(unknown)[:5])}", "unknown_field")
     etype = raw.get("type")
-    if not isinstance(etype, str) or not TYPE_PATTERN.match(etype):
+    if not isinstance(etype, str) or not TYPE_PATTERN.fullmatch(etype):
         raise InvalidEvent(f"type is required and must match {TYPE_PATTERN.pattern}", "type")
     event: dict[str, Any] = {"type": etype}
 

@@ -62,6 +62,7 @@ def test_decode_refuses_what_is_not_an_envelope_and_keeps_the_record_as_is() -> 
     ("a string", "not_object"),
     ({"ts": NOW}, "bad_type"),
     ({"type": "bad type!", "ts": NOW}, "bad_type"),
+    ({"type": "a\n", "ts": NOW}, "bad_type"),
     ({"type": "a"}, "bad_ts"),
     ({"type": "a", "ts": "2024-01-01T00:00:00Z"}, "bad_ts"),
     ({"type": "a", "ts": True}, "bad_ts"),

@@ -78,6 +78,9 @@ def test_each_rule_names_what_is_wrong(raw: object, reason: str, words: str) -> 
 
 def test_type_charset_edge() -> None:
     assert norm({"type": "A-z_0.9:x" + "y" * 55})["type"] == "A-z_0.9:x" + "y" * 55
+    # `$` in a pattern also matches before a final newline: "purchase\n" would be a new type
+    for bad in ("purchase\n", "a\nb", "\npurchase", "x" * 65):
+        assert refused({"type": bad}).reason == "type", bad
 
 
 def test_time_window_edges() -> None:
