@@ -1,4 +1,9 @@
-"""Step 3: one poll -> one prepared batch (offset advances, aggregates, dead letters). Pure.
+"""Step 3: one poll -> one prepared batch (offset advances, aggregates, dead letters).
+
+Pure but for the clock: rollups with a retention skip events whose bucket is past
+it (consumers.aggregate.aggregate_retained), judged at `now_ms`, the wall clock
+when the caller gives none. Those events are counted in
+`tally_consumer_expired_events_total` here, when the batch is prepared.
 
 The expected start offset of each partition is the one stored in Postgres. Records
 below it were applied already (a fetch that raced a seek can return them again)
@@ -8,14 +13,16 @@ offset is not known yet is left out of the batch until it is.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from consumers.aggregate import Aggregates, RollupPlan, aggregate
+from consumers.aggregate import Aggregates, RollupPlan, aggregate_retained
 from consumers.decode import DeadLetter, Record, decode
 from consumers.dedup import Candidates
 from consumers.validate import validate
+from core.retention import expired_events
 
 TP = tuple[str, int]  # (topic, partition); aiokafka's TopicPartition is such a tuple
 
@@ -42,6 +49,7 @@ class PreparedBatch:
     unknown: list[TP] = field(default_factory=list)  # partitions polled before their offset was loaded
     candidates: Candidates | None = None  # with de-duplication on: the events and their ids
     duplicates: int = 0  # events not counted because their id was seen (set by the flush)
+    expired: dict[str, int] = field(default_factory=dict)  # per rollup: events skipped, past its retention
 
 
 def prepare(
@@ -50,6 +58,7 @@ def prepare(
     plans: Sequence[RollupPlan],
     *,
     dedup: bool = False,
+    now_ms: int | None = None,
 ) -> PreparedBatch:
     """Everything one Postgres transaction needs for this poll (and, with `dedup`, the events' ids)."""
     batch = PreparedBatch()
@@ -78,7 +87,10 @@ def prepare(
             events.extend(good)
             batch.dead.extend(bad)
     batch.events = len(events)
-    batch.aggregates = aggregate(plans, events)
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    batch.aggregates, batch.expired = aggregate_retained(plans, events, now)
+    for rollup, skipped in batch.expired.items():
+        expired_events.labels(rollup).inc(skipped)
     if dedup:
         batch.candidates = Candidates.of(events)
     return batch

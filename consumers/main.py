@@ -23,7 +23,7 @@ from consumers.ops import Health, OpsServer, build_app
 from consumers.registry import NotRegistered, StaleRollups, registry_version
 from consumers.retry import FIRST_DELAY, MAX_DELAY, Stopped, kafka_transient, postgres_transient, retrying, wait_or_stop
 from consumers.runner import Listener, Runner
-from core import kafka, logs
+from core import kafka, logs, retention
 from core.db import write_engine
 from core.settings import Settings, get_settings
 
@@ -125,10 +125,12 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     ops = OpsServer(app, settings.bind_host, settings.consumer_metrics_port)
     dlq = DeadLetterSink(settings)
     runner: Runner | None = None
+    expiry: asyncio.Task[None] | None = None  # deletes buckets past their retention, now and then
     with _stop_on_signals(stop) if own_signals else contextlib.nullcontext():
         await ops.start()
         try:
             version = await wait_for_tables(engine, plans, stop)
+            expiry = retention.start_periodic(settings, stop)
             await dlq.start(stop=stop)
             runner = await start_consumer(settings, engine, dlq, plans, stop)
             runner.flusher.version = version
@@ -145,6 +147,7 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             log.warning("stopped before the work in hand was done (nothing of it committed): %s", exc)
         finally:
             app.state.draining = True
+            await retention.stop_periodic(expiry, stop)
             if runner is not None:
                 await runner.close()
                 await runner.consumer.stop()

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from core.db import write_engine
 from core.kafka import ensure_topics
 from core.registry import RegisteredRollup, RegistryPlan, plan_registry
+from core.retention import short_retentions
 from core.settings import Settings
 from schemas.rollups import definition, fingerprint
 from schemas.tables import build_metadata
@@ -41,6 +42,8 @@ async def migrate_database(settings: Settings) -> None:
     finally:
         await engine.dispose()
     log.info("database ready: %s", ", ".join(s.table for s in settings.rollups))
+    for warning in short_retentions(settings):  # allowed (a choice), but worth saying out loud
+        log.warning("%s", warning)
 
 
 async def _registered(conn: AsyncConnection) -> dict[str, RegisteredRollup]:

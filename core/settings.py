@@ -100,6 +100,15 @@ class Settings(BaseSettings):
     dedup: bool = False  # drop events whose event_id was already counted (tally_seen_events)
     dedup_window_hours: int = Field(24, ge=1)  # an event_id is remembered at least this long
 
+    # Retention (core.retention): buckets past a rollup's `retention` are deleted in short batches.
+    retention_interval_seconds: float = Field(3_600.0, ge=0)  # each consumer tries this often; 0: never
+    retention_batch_rows: int = Field(5_000, ge=1)  # rows deleted per transaction
+    retention_pause_seconds: float = Field(0.1, ge=0)  # between two delete transactions
+    retention_grace_seconds: int = Field(3_600, ge=0)  # deletes lag the consumers' cut-off by this much
+
+    # Backups (core.backup): where pg_dump/pg_restore are; unset: PATH, /usr/lib/postgresql, the wheel.
+    pg_bin_dir: Path | None = None
+
     # Query and cache (DESIGN §6).
     default_limit: int = 1_000
     max_limit: int = 10_000

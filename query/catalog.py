@@ -51,4 +51,5 @@ def describe(spec: RollupSpec) -> RollupInfo:
         measures=[MeasureInfo(name=m.column, op=m.op, path=m.path, merge=MERGE[m.op]) for m in spec.measures],
         where={k: list(v) for k, v in spec.where.items()},
         filterable=[*spec.dimension_columns, *spec.measure_columns],
+        retention=spec.retention_text,
     )

@@ -52,7 +52,13 @@ class RollupInfo(BaseModel):
         description="Columns `filter[...]` accepts: dimensions (one of values) and measures (bounds)."
     )
     retention: str | None = Field(
-        default=None, description="How long buckets are kept; null: indefinitely (Tally deletes none yet)."
+        default=None,
+        description=(
+            "How long buckets are kept, as declared in the rollups file (`90d`, `36h`); null: forever. "
+            "Older buckets are deleted (`tally retention`, or the consumers every TALLY_RETENTION_INTERVAL_SECONDS), "
+            "and events that arrive for them are not counted."
+        ),
+        examples=["90d"],
     )
 
 

@@ -12,6 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,8 @@ MeasureOp = Literal["count", "sum", "min", "max"]
 TOP_LEVEL_FIELDS = ("type", "source", "user_id", "session_id")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+_RETENTION = re.compile(r"^([1-9][0-9]{0,5})([hd])$")
+_RETENTION_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1)}
 _PATH_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 
 
@@ -103,6 +106,8 @@ class RollupSpec:
     measures: tuple[Measure, ...]
     # path -> allowed values; an event is counted only if every path matches one of them.
     where: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # How long buckets are kept; None: forever. Not part of the definition (see `definition`).
+    retention: timedelta | None = None
 
     @property
     def table(self) -> str:
@@ -119,6 +124,10 @@ class RollupSpec:
     @property
     def key_columns(self) -> tuple[str, ...]:
         return ("bucket", *self.dimension_columns)
+
+    @property
+    def retention_text(self) -> str | None:
+        return None if self.retention is None else format_retention(self.retention)
 
     def measure(self, column: str) -> Measure:
         for m in self.measures:
@@ -154,8 +163,45 @@ def _parse_measure(decl: object, rollup: str) -> Measure:
     return Measure(op, _check_path(path, "measure path", rollup))  # type: ignore[arg-type]
 
 
+def parse_retention(value: object, rollup: str, granularity: str) -> timedelta:
+    """`"90d"` or `"36h"`: whole days or hours, at least one bucket of the table's granularity.
+
+    No months or years: they have no fixed length, and a retention must be a fixed
+    span so that every process computes the same horizon (write `365d`).
+    """
+    match = _RETENTION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise RollupSpecError(f"rollup {rollup!r}: retention {value!r} must be like '90d' or '36h' (days or hours)")
+    retention = int(match[1]) * _RETENTION_UNITS[match[2]]
+    if retention < timedelta(milliseconds=GRANULARITY_MS[granularity]):
+        raise RollupSpecError(f"rollup {rollup!r}: retention {value} is shorter than one {granularity} bucket")
+    return retention
+
+
+def format_retention(retention: timedelta) -> str:
+    """The canonical spelling: days when whole days, else hours (`parse_retention` reads it back)."""
+    seconds = retention // timedelta(seconds=1)
+    return f"{seconds // 86_400}d" if seconds % 86_400 == 0 else f"{seconds // 3_600}h"
+
+
+def expiry_cutoff_ms(now_ms: int, retention: timedelta, granularity: str) -> int:
+    """The start of the oldest bucket still inside the retention at `now_ms`: buckets before it are expired.
+
+    `now - retention` floored to the granularity, so the bucket the horizon falls in
+    is kept whole (a query `from=-90d` still sees its first bucket complete).
+    An event is in an expired bucket exactly when its `ts` is below the cutoff.
+    """
+    width = GRANULARITY_MS[granularity]
+    horizon = now_ms - retention // timedelta(milliseconds=1)
+    return horizon - horizon % width
+
+
 def definition(spec: RollupSpec) -> dict[str, Any]:
-    """Everything that decides what a rollup's rows hold (not its name), canonically."""
+    """Everything that decides what a rollup's rows hold (not its name), canonically.
+
+    Retention is left out on purpose: it decides how long rows are kept, not what
+    they hold, so changing it needs no migration and fences no consumer.
+    """
     return {
         "granularity": spec.granularity,
         "dimensions": [d.path for d in spec.dimensions],
@@ -189,7 +235,9 @@ def parse_rollup(raw: Mapping[str, Any]) -> RollupSpec:
         _check_path(path, "where path", name)
         vals = values if isinstance(values, list) else [values]
         where[path] = tuple(dimension_text(v) for v in vals)
-    spec = RollupSpec(name, granularity, dimensions, measures, where)
+    retention_raw = raw.get("retention")
+    retention = None if retention_raw is None else parse_retention(retention_raw, name, granularity)
+    spec = RollupSpec(name, granularity, dimensions, measures, where, retention)
     columns = ["bucket", *spec.dimension_columns, *spec.measure_columns]
     duplicates = sorted({c for c in columns if columns.count(c) > 1})
     if duplicates:
