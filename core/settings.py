@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     lateness_seconds: int = 7 * 86_400
     future_seconds: int = 300
     envelope_max_bytes: int = 1024 * 1024
+    # Hostile clients: a body must arrive whole within body_timeout_seconds (else 408), and the
+    # request's headers may total max_header_bytes (else 431): a stalled upload cannot hold
+    # a connection and its buffer forever.
+    body_timeout_seconds: float = Field(30.0, gt=0)
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
 
     # Ingest backpressure.
     max_inflight_bytes: int = 64 * 1024 * 1024

@@ -15,6 +15,7 @@ from core.health import kafka_ok, redis_ok
 from core.http import MetricsMiddleware, drain_on_sigterm, ops_router
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
+from ingest.guard import HeaderLimit
 from ingest.idempotency import IdempotencyStore
 from ingest.ratelimit import RateLimiter
 from ingest.routes import IngestState, router
@@ -86,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router, dependencies=[Depends(require_scope("ingest"))], responses=auth_responses("ingest"))
     # Without Redis only requests with an Idempotency-Key are refused: not a reason to leave the balancer.
     app.include_router(ops_router(readiness, gating=frozenset({"kafka"})))
+    app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)  # inside metrics: 431s are counted
     app.add_middleware(MetricsMiddleware, service="ingest")
     return app
 

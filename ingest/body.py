@@ -2,24 +2,45 @@
 
 The decoded-size limit is enforced while decompressing, so a gzip bomb is
 refused after reading at most `limit` decoded bytes, not after inflating it.
+The whole body must arrive within a deadline, so a client that stalls mid-body
+(slow-loris) gets a 408 instead of holding its connection and buffer forever.
+
+JSON is read by orjson: duplicate keys keep the last value (as JavaScript does),
+NaN/Infinity, lone surrogates and numbers that overflow a double are not JSON and
+refuse the body (or the NDJSON line). orjson reads an integer beyond the 64-bit
+range as a float, which would silently round it; such events are refused instead.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 
-from core.problems import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from schemas.events import parse_sent_at
+from core.problems import BadRequest, PayloadTooLarge, TallyError, UnsupportedMediaType
+from schemas.events import MAX_SAFE_NUMBER, parse_sent_at
 
 JSON_TYPES = frozenset({"application/json", ""})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 # A raw event whose line could not be parsed: kept in place so indexes stay true.
 UNPARSABLE = object()
+# 19 digits in a row: the only way to write an integer that orjson turns into a float. Found by
+# mapping digits to "0" and all else to " " then searching: 1 ns a byte, a tenth of a regex.
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_DIGITS = b"0" * 19
+BIG_INTEGER = "an integer in the event is outside the 64-bit range (|n| < 2^63); send it as a string"
+
+
+class RequestTimeout(TallyError):
+    """The body did not arrive in time: the connection is closed, its buffer freed."""
+
+    status, title, slug = 408, "Request timeout", "timeout"
 
 
 @dataclass
@@ -27,6 +48,12 @@ class ParsedBatch:
     events: list[Any]
     line_errors: dict[int, str] = field(default_factory=dict)
     sent_at_ms: int | None = None  # the producer's clock when it sent the batch
+    reasons: dict[int, str] = field(default_factory=dict)  # metrics reason of a line error; default "json"
+
+    def refuse(self, index: int, error: str, reason: str) -> None:
+        self.events[index] = UNPARSABLE
+        self.line_errors[index] = error
+        self.reasons[index] = reason
 
 
 class BoundedBody:
@@ -69,15 +96,37 @@ class BoundedBody:
             self._parts.append(data)
 
 
-async def read_body(chunks: AsyncIterator[bytes], *, content_length: int | None, encoding: str, limit: int) -> bytes:
+async def read_body(
+    chunks: AsyncIterator[bytes],
+    *,
+    content_length: int | None,
+    encoding: str,
+    limit: int,
+    deadline_seconds: float | None = None,
+) -> bytes:
+    """The decoded body, read within `deadline_seconds` in all (a deadline, not an idle timer:
+    a trickle of one byte a second must not keep a connection forever)."""
     encoding = encoding.strip().lower()
     if encoding not in ("", "identity", "gzip", "x-gzip"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; use gzip or none")
     if content_length is not None and content_length > limit:
-        raise PayloadTooLarge(f"body of {content_length} bytes exceeds the limit of {limit} bytes")
+        # The body is never read: close the connection rather than drain it.
+        raise PayloadTooLarge(
+            f"body of {content_length} bytes exceeds the limit of {limit} bytes", headers={"Connection": "close"}
+        )
     body = BoundedBody(limit, gzip=encoding in ("gzip", "x-gzip"))
-    async for chunk in chunks:
-        body.feed(chunk)
+    try:
+        async with asyncio.timeout(deadline_seconds):
+            async for chunk in chunks:
+                body.feed(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the body did not arrive within {deadline_seconds:g} s (TALLY_BODY_TIMEOUT_SECONDS)",
+            headers={"Connection": "close"},
+        ) from None
+    except ClientDisconnect:
+        # Nobody reads this answer; it keeps the metrics honest (a client error, not a 500).
+        raise BadRequest("the client closed the connection before the body was complete") from None
     return body.finish()
 
 
@@ -101,26 +150,100 @@ def parse_batch(body: bytes, content_type: str, *, max_events: int) -> ParsedBat
     return batch
 
 
+class _Big:
+    """Stands for an integer literal orjson would have rounded to a float."""
+
+
+_BIG = _Big()
+
+
+def _int_or_big(text: str) -> int | _Big:
+    if len(text.lstrip("-")) > 20:  # never call int() on thousands of digits
+        return _BIG
+    value = int(text)
+    return _BIG if abs(value) >= MAX_SAFE_NUMBER else value
+
+
+def _any_leaf(value: Any, test: Callable[[Any], bool]) -> bool:
+    """Whether any scalar inside `value` passes `test`; iterative, since orjson admits 1024 levels."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif test(item):
+            return True
+    return False
+
+
+def _is_big(value: Any) -> bool:
+    return value is _BIG
+
+
+def _integral_giant(value: Any) -> bool:
+    return isinstance(value, float) and value.is_integer() and abs(value) >= MAX_SAFE_NUMBER
+
+
+def _rounded(text: bytes, *, line: bool) -> list[bool] | None:
+    """Which events of a JSON body (or of one NDJSON line) hold an integer beyond 64 bits.
+
+    Only for bodies with a run of 19 digits (rare), re-read by the standard library, which
+    hands every integer literal to `_int_or_big`. None: it could not say (nesting deeper
+    than its recursion allows), and the caller refuses events with integral floats that big.
+    """
+    try:
+        doc = json.loads(text, parse_int=_int_or_big)
+    except (RecursionError, ValueError):
+        return None
+    if line:
+        return [_any_leaf(doc, _is_big)]
+    events = doc.get("events") if isinstance(doc, dict) else doc
+    return [_any_leaf(event, _is_big) for event in events] if isinstance(events, list) else None
+
+
+def _refuse_big_integers(batch: ParsedBatch, text: bytes, first: int, count: int, *, line: bool = False) -> None:
+    """Refuse events `first..first+count-1` that were written with an integer beyond 64 bits."""
+    if _LONG_DIGITS not in text.translate(_DIGITS_ONLY):
+        return
+    flags = _rounded(text, line=line)
+    for offset in range(count):
+        index = first + offset
+        if batch.events[index] is UNPARSABLE:
+            continue
+        if flags is not None and len(flags) == count:
+            big = flags[offset]
+        else:
+            big = _any_leaf(batch.events[index], _integral_giant)
+        if big:
+            batch.refuse(index, BIG_INTEGER, "properties")
+
+
 def _parse_json(body: bytes) -> ParsedBatch:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     if isinstance(doc, list):
-        return ParsedBatch(doc)
-    if isinstance(doc, dict):
+        batch = ParsedBatch(doc)
+    elif isinstance(doc, dict):
         unknown = doc.keys() - {"events", "sent_at"}
         if unknown:
             raise BadRequest(f"unknown top-level field(s): {', '.join(sorted(unknown)[:5])}")
         events = doc.get("events")
-        if isinstance(events, list):
-            sent_at = doc.get("sent_at")
-            try:
-                sent_at_ms = None if sent_at is None else parse_sent_at(sent_at)
-            except ValueError as exc:
-                raise BadRequest(str(exc)) from None
-            return ParsedBatch(events, sent_at_ms=sent_at_ms)
-    raise BadRequest('body must be {"events": [...]}, a JSON array of events, or NDJSON')
+        if not isinstance(events, list):
+            raise BadRequest('body must be {"events": [...]}, a JSON array of events, or NDJSON')
+        sent_at = doc.get("sent_at")
+        try:
+            sent_at_ms = None if sent_at is None else parse_sent_at(sent_at)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        batch = ParsedBatch(events, sent_at_ms=sent_at_ms)
+    else:
+        raise BadRequest('body must be {"events": [...]}, a JSON array of events, or NDJSON')
+    _refuse_big_integers(batch, body, 0, len(batch.events))
+    return batch
 
 
 def _parse_ndjson(body: bytes) -> ParsedBatch:
@@ -133,4 +256,6 @@ def _parse_ndjson(body: bytes) -> ParsedBatch:
         except orjson.JSONDecodeError as exc:
             batch.line_errors[len(batch.events)] = f"line is not valid JSON: {exc}"
             batch.events.append(UNPARSABLE)
+            continue
+        _refuse_big_integers(batch, line, len(batch.events) - 1, 1, line=True)
     return batch

@@ -66,11 +66,13 @@ _BODY_DOC: dict[str, Any] = {
     openapi_extra=_BODY_DOC,
     responses={
         400: _PROBLEM,
+        408: {**_PROBLEM, "description": "The body did not arrive within TALLY_BODY_TIMEOUT_SECONDS"},
         409: {**_PROBLEM, "description": "A request with this Idempotency-Key is still in progress"},
         413: _PROBLEM,
         415: _PROBLEM,
         422: _PROBLEM,
         429: {**_PROBLEM, "description": "The key's events/s limit; see Retry-After and RateLimit-*"},
+        431: {**_PROBLEM, "description": "Request headers larger than TALLY_MAX_HEADER_BYTES in all"},
         503: {**_PROBLEM, "description": "Kafka slow, down or the in-flight bound reached; see Retry-After"},
     },
 )
@@ -96,6 +98,7 @@ async def post_events(
         content_length=int(content_length) if content_length and content_length.isdigit() else None,
         encoding=request.headers.get("content-encoding", ""),
         limit=settings.max_body_bytes,
+        deadline_seconds=settings.body_timeout_seconds,
     )
     content_type = request.headers.get("content-type", "")
     batch = parse_batch(body, content_type, max_events=settings.max_events)
@@ -132,7 +135,7 @@ async def _ingest(
     for index, raw in enumerate(batch.events):
         if raw is UNPARSABLE:
             rejected.append({"index": index, "error": batch.line_errors[index]})
-            metrics.events_rejected.labels("json").inc()
+            metrics.events_rejected.labels(batch.reasons.get(index, "json")).inc()
             continue
         if key is not None and isinstance(raw, dict) and "event_id" not in raw:
             raw["event_id"] = derived_event_id(principal.key_id, key, index)
