@@ -30,7 +30,7 @@ from query.timerange import (
     parse_time,
     parse_zone,
 )
-from schemas.rollups import GRANULARITIES, RollupSpec, granularity_rank
+from schemas.rollups import GRANULARITIES, RollupSpec, dimension_text, granularity_rank
 
 Format = Literal["json", "columns", "csv"]
 FORMATS: tuple[Format, ...] = ("json", "columns", "csv")
@@ -258,7 +258,8 @@ def _filters(
         if column in spec.measure_columns:
             measures.append((column, _bounds(column, raw[column])))
             continue
-        values = tuple(sorted(set(raw[column])))
+        # Compared as the consumers store them: NUL (which Postgres text cannot hold) as U+FFFD.
+        values = tuple(sorted({dimension_text(v) for v in raw[column]}))
         if len(values) > limits.max_filter_values:
             raise BadRequest(f"filter[{column}] has more than {limits.max_filter_values} values")
         dimensions.append((column, values))
