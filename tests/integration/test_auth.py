@@ -1,7 +1,8 @@
-"""API keys over real HTTP and a real Postgres: every route of both apps is checked, the open ones stay open.
+"""API keys over real HTTP and a real Postgres: every route of both apps is checked, the public ones stay open.
 
-Routes are enumerated from `app.routes`, so a route added later is covered (or must be
-declared open here) without touching this file's checks.
+Routes are enumerated from `app.routes` (every kind: FastAPI routes, the docs pages,
+mounts; see tests/security/support.py), so a route added later is checked for its
+scope, or must be declared public there with the reason, without touching this file.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import fastapi.routing
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, Request
-from fastapi.routing import APIRoute
 from prometheus_client import REGISTRY
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -41,12 +40,11 @@ from core.settings import Settings
 from ingest.app import create_app as ingest_app
 from query.app import create_app as query_app
 from tests.conftest import serve
+from tests.security.support import PUBLIC, protected_routes, public_paths
 
 pytestmark = pytest.mark.integration
 
-OPEN = {"/healthz", "/readyz", "/metrics"}  # probes and Prometheus; /docs and /openapi.json are not APIRoutes
 SCOPE_OF = {"ingest": "ingest", "query": "query"}  # the scope every other route of each app needs
-PATH_PARAMS = {"name": "events_by_type"}  # a route with a new path parameter needs a sample value here
 CACHE_SECONDS = 0.3
 
 
@@ -114,30 +112,6 @@ async def keys(auth_settings: Settings, store: KeyStore) -> Keys:
     )
 
 
-def api_routes(app: FastAPI) -> list[tuple[str, set[str]]]:
-    """(path, methods) of every APIRoute, through included routers.
-
-    FastAPI >= 0.16x keeps included routers as branches of `app.routes` (iter_route_contexts
-    walks them); older versions copy each APIRoute into `app.routes`.
-    """
-    iter_contexts = getattr(fastapi.routing, "iter_route_contexts", None)
-    if iter_contexts is None:
-        return [(r.path, set(r.methods)) for r in app.routes if isinstance(r, APIRoute)]
-    return [(c.path, set(c.methods)) for c in iter_contexts(app.routes) if isinstance(c.original_route, APIRoute)]
-
-
-def protected(app: FastAPI) -> list[tuple[str, str]]:
-    """(method, concrete path) of every API route that is not declared open."""
-    routes = api_routes(app)
-    assert {path for path, _ in routes} >= OPEN  # the open routes are really there
-    return [
-        (method, path.format_map(PATH_PARAMS))
-        for path, methods in routes
-        if path not in OPEN
-        for method in sorted(methods - {"HEAD"})
-    ]
-
-
 async def call(http: httpx.AsyncClient, method: str, path: str, key: str | None = None,
                header: str | None = None) -> httpx.Response:
     headers = {}
@@ -171,7 +145,8 @@ async def test_every_route_needs_a_key_with_its_scope(auth_settings: Settings, k
         for name, app in apps.items():
             url = await stack.enter_async_context(serve(app))
             http = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30))
-            routes = protected(app)
+            assert public_paths(app) == set(PUBLIC), name  # exactly these: a stale entry fails too
+            routes = protected_routes(app)
             assert routes, name
             scope = SCOPE_OF[name]
             for method, path in routes:
@@ -199,7 +174,7 @@ async def test_every_route_needs_a_key_with_its_scope(auth_settings: Settings, k
                 assert r.status_code not in (401, 403)
                 checked += 1
 
-            for path in (*OPEN, "/openapi.json", "/docs"):
+            for path in PUBLIC:
                 r = await http.get(path)
                 assert r.status_code not in (401, 403), (name, path)
                 if path != "/readyz":
@@ -221,7 +196,7 @@ async def test_openapi_documents_the_bearer_scheme(auth_settings: Settings) -> N
         assert "tally keys create" in scheme["description"]
         for path, operations in spec["paths"].items():
             for operation in operations.values():
-                if path in OPEN:
+                if path in PUBLIC:
                     assert "security" not in operation, path
                 else:
                     assert operation["security"] == [{"ApiKey": []}], path
