@@ -1,7 +1,10 @@
-"""What every Tally HTTP service shares: metrics middleware, request ids, health routes.
+"""What every Tally HTTP service shares: metrics middleware, request ids, security headers, health routes.
 
 The middleware is pure ASGI (no BaseHTTPMiddleware on the hot path) and labels
 requests by route template, so `/v1/rollups/{name}` is one series, not one per name.
+It is also the one place that stamps every response, errors and 404s included, with
+the request id and the security headers, and that turns an unhandled exception into
+a generic 500 problem (the traceback goes to the log, under the request id).
 """
 
 from __future__ import annotations
@@ -21,16 +24,45 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import logs, metrics
+from core.problems import internal_error
 
 log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 ReadinessCheck = Callable[[Request], Awaitable[dict[str, bool]]]
 
 
+# Security headers, built once. The APIs answer JSON (and CSV) only, so their policy
+# forbids loading anything; HSTS is the TLS terminator's (nginx), not ours.
+_COMMON_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)
+API_CSP = b"default-src 'none'; frame-ancestors 'none'"
+# FastAPI's /docs (Swagger UI) and /redoc pages load their scripts and styles from
+# cdn.jsdelivr.net, start them with an inline script, use inline styles and data: images,
+# Redoc loads Google fonts and runs its search in a blob: worker; both fetch
+# /openapi.json from this origin. They show no request data.
+DOCS_CSP = (
+    b"default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
+    b"style-src 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+    b"font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
+    b"connect-src 'self'; worker-src blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+API_HEADERS = (*_COMMON_HEADERS, (b"content-security-policy", API_CSP))
+DOCS_HEADERS = (*_COMMON_HEADERS, (b"content-security-policy", DOCS_CSP))
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
+# Any token is a valid HTTP method: labelling series by the client's spelling would let
+# anyone grow /metrics (and memory) without bound, one method name per series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, service: str) -> None:
+    def __init__(self, app: ASGIApp, service: str, *, docs_paths: frozenset[str] = DOCS_PATHS) -> None:
         self.app = app
         self.service = service
+        self.docs_paths = docs_paths
         self._in_progress = metrics.http_in_progress.labels(service)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -39,25 +71,46 @@ class MetricsMiddleware:
             return
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
+        stamp = (
+            (REQUEST_ID_HEADER, request_id.encode("latin-1")),
+            *(DOCS_HEADERS if scope["path"] in self.docs_paths else API_HEADERS),
+        )
         status = 500
+        started = False
         start = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", []).append((REQUEST_ID_HEADER, request_id.encode()))
+                started = True
+                # A new list: never append to a Response object's own header list.
+                message["headers"] = [*message.get("headers", ()), *stamp]
             await send(message)
 
         self._in_progress.inc()
         try:
             with logs.bound(request_id):
-                await self.app(scope, receive, send_wrapper)
+                try:
+                    await self.app(scope, receive, send_wrapper)
+                except Exception:
+                    # Starlette's own 500 answer is sent outside this middleware (no request id, no
+                    # headers) and uvicorn logs the traceback without the request id: do both here.
+                    log.exception(
+                        "unhandled error answering %s %s",
+                        scope["method"],
+                        scope["path"],
+                        extra={"request_id": request_id},  # also for handlers that do not read logs.request_id
+                    )
+                    if started:  # too late for an answer: uvicorn drops the connection
+                        raise
+                    await internal_error(scope["path"], request_id)(scope, receive, send_wrapper)
         finally:
             self._in_progress.dec()
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            metrics.http_requests.labels(self.service, template, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            metrics.http_requests.labels(self.service, template, method, str(status)).inc()
             metrics.http_latency.labels(self.service, template).observe(time.perf_counter() - start)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, cast
 
 import orjson
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "https://tally.dev/problems/"
 
@@ -87,6 +89,7 @@ def problem_response(
     instance: str | None = None,
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    request_id: str | None = None,
 ) -> Response:
     body: dict[str, Any] = {
         "type": slug if slug == "about:blank" else PROBLEM_BASE + slug,
@@ -99,11 +102,18 @@ def problem_response(
         body["instance"] = instance
     if errors:
         body["errors"] = errors
+    if request_id:
+        body["request_id"] = request_id
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 async def _tally_error(request: Request, exc: Exception) -> Response:
     exc = cast(TallyError, exc)
+    cause = exc.__cause__
+    if exc.status >= 500 and cause is not None:
+        # The client gets the generic detail; the operator gets what failed (a driver error may
+        # name SQL, a host or a port), on one line: a dependency down must not flood the log.
+        log.warning("%s %s answered %d: %s: %r", request.method, request.url.path, exc.status, exc.detail, cause)
     return problem_response(
         exc.status,
         exc.title,
@@ -136,9 +146,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+INTERNAL_DETAIL = "the server failed to answer this request; its log has the details under this request id"
+
+
+def internal_error(path: str, request_id: str | None) -> Response:
+    """The answer to an unhandled exception: generic on purpose.
+
+    An exception's text may hold SQL, table names, file paths, server addresses or
+    credentials, so none of it reaches the client; the request id lets an operator
+    find the traceback in the log.
+    """
+    return problem_response(
+        500, "Internal error", INTERNAL_DETAIL, slug=TallyError.slug, instance=path, request_id=request_id
+    )
+
+
 async def _unhandled(request: Request, exc: Exception) -> Response:
-    # Never leak a stack trace or SQL to the client; the log has it.
-    return problem_response(500, "Internal error", None, instance=request.url.path)
+    # Apps behind core.http.MetricsMiddleware answer (and log) there; this covers the others.
+    return internal_error(request.url.path, request.scope.get("state", {}).get("request_id"))
 
 
 def install_problem_handlers(app: FastAPI) -> None:
