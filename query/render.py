@@ -1,5 +1,8 @@
 """Serialize a page of rows as JSON rows, JSON columns or CSV. Pure.
 
+CSV text cells that a spreadsheet would run as a formula get a leading `'` (see
+`neutralize`); JSON carries every value as stored.
+
 Measures are Postgres numerics (Decimal). orjson cannot serialize Decimal and
 floats would round, so each Decimal is written as its exact decimal text
 (`orjson.Fragment`): `0.1 + 0.2` stays `0.3`. Buckets are RFC 3339: UTC with `Z`,
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -79,9 +83,29 @@ def _localized(q: RollupQuery, rows: Sequence[Sequence[object]]) -> Sequence[Seq
     return [[v.astimezone(zone) if i == at and isinstance(v, datetime) else v for i, v in enumerate(r)] for r in rows]
 
 
+# A spreadsheet opening the CSV runs a cell that starts with one of these as a formula
+# (OWASP "CSV injection"): `=HYPERLINK(...)`, `@SUM(...)`, `-2+3`, a TAB or CR before `=`.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# A JSON number, which is how a numeric property is stored as a dimension value: data, not a formula.
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def neutralize(text: str) -> str:
+    """`text` with a `'` in front when a spreadsheet would run it as a formula.
+
+    Applied to text cells (dimension values) only: measures are numbers, and a negative
+    number, as a measure or as a dimension value that is a JSON number, is data.
+    """
+    if text.startswith(_FORMULA_START) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
 def _csv_cell(value: object) -> object:
     if value is None:
         return ""
+    if isinstance(value, str):
+        return neutralize(value)
     if isinstance(value, datetime):
         return format_instant(value) if value.tzinfo is UTC else value.isoformat()
     return value  # str() of a Decimal is exact
