@@ -13,6 +13,8 @@ import orjson
 import psutil
 import pytest
 
+from core.auth import KeyStore
+from core.db import write_engine
 from core.settings import Settings
 from ingest.app import create_app
 from tests.conftest import serve
@@ -43,6 +45,34 @@ async def test_rate_limit_per_key_with_headers(migrated: Settings) -> None:
     assert too_big.status_code == 429 and "exceeds this key's burst of 100" in too_big.json()["detail"]
     assert later.status_code == 202
     assert len(await read_topic(migrated.kafka_bootstrap or "", migrated.topic, expect_events=120)) == 120
+
+
+async def test_one_keys_limit_leaves_another_keys_budget(migrated: Settings) -> None:
+    """Buckets are per API key: a producer that spends its own budget does not slow another one down."""
+    settings = migrated.model_copy(
+        update={"auth": True, "rate_limit_events_per_second": 100, "rate_limit_burst_seconds": 1.0}
+    )
+    store = KeyStore(write_engine(str(settings.postgres_url), pool_size=1), cache_seconds=0)
+    try:
+        tokens = [(await store.create(name, ["ingest"], rate_limit=limit))[1]
+                  for name, limit in (("noisy", None), ("quiet", None), ("own limit", 30))]
+    finally:
+        await store.close()
+    noisy, quiet, own = ({"authorization": f"Bearer {token}"} for token in tokens)
+    async with serve(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+        spent = await http.post("/v1/events", json=events(90), headers=noisy)
+        refused = await http.post("/v1/events", json=events(100), headers=noisy)  # needs 0.9 s of refill
+        other = await http.post("/v1/events", json=events(90), headers=quiet)
+        own_spent = await http.post("/v1/events", json=events(30), headers=own)
+        own_refused = await http.post("/v1/events", json=events(30), headers=own)  # needs 1 s of refill
+    assert spent.status_code == 202 and refused.status_code == 429
+    # A bucket of its own, full when first used: exactly 100 - 90 left, whatever the noisy key did.
+    assert other.status_code == 202
+    assert (other.headers["ratelimit-limit"], other.headers["ratelimit-remaining"]) == ("100", "10")
+    assert own_spent.status_code == 202
+    assert (own_spent.headers["ratelimit-limit"], own_spent.headers["ratelimit-remaining"]) == ("30", "0")
+    assert own_refused.status_code == 429 and "30 events/s" in own_refused.json()["detail"]
+    assert len(await read_topic(migrated.kafka_bootstrap or "", migrated.topic, expect_events=210)) == 210
 
 
 async def test_sent_at_corrects_the_producer_clock(migrated: Settings) -> None:
