@@ -261,6 +261,22 @@ def _die_with_parent() -> None:
 _IDLE: list[subprocess.Popen[bytes]] = []  # load processes waiting for their next job
 
 
+def _read_exact(fd: int, n: int, deadline: float) -> bytes | None:
+    """`n` bytes from `fd` (fewer only at end of file), or None if the deadline passes first."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < n:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return None
+        chunk = os.read(fd, n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 def _take() -> subprocess.Popen[bytes]:
     while _IDLE:
         worker = _IDLE.pop()
@@ -324,13 +340,15 @@ class Load:
 
     def _read(self, worker: subprocess.Popen[bytes]) -> tuple[str, Any]:
         assert worker.stdout is not None
-        ready, _, _ = select.select([worker.stdout], [], [], self._timeout)
-        if not ready:
-            return "error", "no result within the phase's time and a minute"
-        head = worker.stdout.read(8)
-        if len(head) < 8:
-            return "error", f"the load process exited ({worker.wait()})"
-        return pickle.loads(worker.stdout.read(int.from_bytes(head, "big")))  # type: ignore[no-any-return]  # noqa: S301
+        deadline = time.monotonic() + self._timeout
+        fd = worker.stdout.fileno()  # read raw, with one deadline for the whole frame: never hang
+        head = _read_exact(fd, 8, deadline)
+        if head is None or len(head) < 8:
+            return "error", "no result within the phase's time and a minute" if head is None else "exited"
+        body = _read_exact(fd, int.from_bytes(head, "big"), deadline)
+        if body is None:
+            return "error", "a partial result: no more bytes within the phase's time and a minute"
+        return pickle.loads(body)  # type: ignore[no-any-return]  # noqa: S301
 
     def result(self) -> LoadResult:
         total = LoadResult(processes=self.processes)
@@ -339,7 +357,8 @@ class Load:
             kind, value = self._read(worker)
             if kind == "ok":
                 total.merge(value)
-                _IDLE.append(worker)
+                if worker not in _IDLE:  # never listed twice: two jobs on one process would cross their results
+                    _IDLE.append(worker)
             else:
                 errors.append(value)
                 worker.kill()
