@@ -49,6 +49,7 @@ def _serve(app_path: str, settings: Settings, port: int, workers: int) -> None:
         http="httptools",
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
         access_log=False,  # per-request lines cost CPU at ingest rates; metrics count requests
+        server_header=False,  # "Server: uvicorn" tells an attacker what to look up, and a client nothing
     )
 
 

@@ -134,7 +134,11 @@ def ops_router(readiness: ReadinessCheck, *, gating: frozenset[str] | None = Non
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", summary="Readiness: Kafka, Postgres and Redis reachable")
+    @router.get(
+        "/readyz",
+        summary="Readiness: Kafka, Postgres and Redis reachable",
+        responses={503: {"description": "Not ready: a required dependency is down (see `degraded`), or draining"}},
+    )
     async def readyz(request: Request) -> Response:
         checks = await readiness(request)
         draining = bool(getattr(request.app.state, "draining", False))

@@ -176,6 +176,13 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _default_limit_within_max(self) -> Settings:
+        # A default above the maximum would turn every page without `limit` into a streamed export.
+        if self.default_limit > self.max_limit:
+            raise ValueError(f"TALLY_DEFAULT_LIMIT ({self.default_limit}) is above TALLY_MAX_LIMIT ({self.max_limit})")
+        return self
+
     def process_env(self) -> dict[str, str]:
         """This process's environment with every TALLY_* variable replaced by these settings:
         what a child process (a service, a CLI call, a benchmark's server) must be given."""

@@ -117,7 +117,7 @@ async def test_sigterm_lets_a_query_export_finish(draining: Settings, tmp_path: 
             " + make_interval(mins => g), 't' || (g % 5), 's', 1 FROM generate_series(1, 200000) AS g")
     finally:
         await conn.close()
-    settings = draining.model_copy(update={"max_limit": 100, "max_buckets": 10**6})
+    settings = draining.model_copy(update={"max_limit": 100, "default_limit": 100, "max_buckets": 10**6})
     query = tally_process("query", settings, tmp_path).start()
     url = f"http://127.0.0.1:{query.port}"
     params = {"from": "2026-04-01T00:00:00Z", "to": "2026-12-01T00:00:00Z", "format": "csv", "limit": "300000",

@@ -119,7 +119,7 @@ async def test_range_limits_and_bad_zones_are_explained(loaded: tuple[Settings, 
 async def test_csv_export_streams_every_row_uncached(loaded: tuple[Settings, list[Row]]) -> None:
     """Past a page's limit, CSV is streamed from a server-side cursor and never stored in Redis."""
     settings, rows = loaded
-    small_pages = settings.model_copy(update={"max_limit": 50})
+    small_pages = settings.model_copy(update={"max_limit": 50, "default_limit": 50})
     params = {**WHOLE, "format": "csv", "limit": "100000", "total": "true"}
     async with query_api(small_pages) as http:
         async with http.stream("GET", PATH, params=params) as response:
@@ -148,7 +148,7 @@ async def test_exports_beyond_the_bound_get_a_fast_503(loaded: tuple[Settings, l
             " + make_interval(mins => g), 'bulk-' || (g % 7), 'src', 1 FROM generate_series(1, 300000) AS g")
     finally:
         await conn.close()
-    one_at_a_time = settings.model_copy(update={"max_limit": 50, "max_exports": 1, "max_buckets": 10**6})
+    one_at_a_time = settings.model_copy(update={"max_limit": 50, "default_limit": 50, "max_exports": 1, "max_buckets": 10**6})
     params = {"from": "2026-04-05T00:00:00Z", "to": "2027-01-01T00:00:00Z", "format": "csv", "limit": "400000",
               "fields": "type,source,count", "granularity": "month"}
     export = {**params, "fields": "bucket,type,count", "granularity": "minute"}

@@ -69,7 +69,7 @@ async def test_both_csv_paths_neutralize_stored_formulas(migrated: Settings) -> 
         for _, value, source, count, amount in stored
     )
     params = {**WHOLE, "fields": "type,source,count,sum_properties_amount", "format": "csv"}
-    async with query_api(migrated.model_copy(update={"max_limit": 5})) as http:
+    async with query_api(migrated.model_copy(update={"max_limit": 5, "default_limit": 5})) as http:
         page = await http.get(ROLLUP, params={**params, "limit": "5", "order": "count"})
         pages = [page, await http.get(ROLLUP, params={**params, "limit": "5", "order": "count"})]  # miss, hit
         rest = await http.get(ROLLUP, params={**params, "limit": "5", "order": "count",

@@ -88,13 +88,14 @@ async def sql(settings: Settings, statement: str) -> None:
 
 
 async def test_a_table_renamed_behind_a_running_query_process(migrated: Settings, tmp_path: Path) -> None:
-    settings = migrated.model_copy(update={"log_format": "json", "max_limit": 20})
+    settings = migrated.model_copy(update={"log_format": "json", "max_limit": 20, "default_limit": 20})
     query = tally_process("query", settings, tmp_path).start()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{query.port}", timeout=30) as http:
             fresh = {"cache-control": "no-cache"}
             before = await http.get(ROLLUP, params=WHOLE, headers={**fresh, "x-request-id": "leak-probe-0"})
             assert before.status_code == 200, before.text
+            assert "server" not in before.headers  # `tally query` does not name its server software
             await sql(migrated, "ALTER TABLE agg_events_by_type RENAME TO agg_events_by_type_moved")
             page = await http.get(ROLLUP, params=WHOLE, headers={**fresh, "x-request-id": "leak-probe-1"})
             export = await http.get(ROLLUP, params={**WHOLE, "format": "csv", "limit": "100"},
