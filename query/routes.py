@@ -22,12 +22,13 @@ from query.export import open_export
 from query.params import FORMATS, parse_query
 from query.planner import order_kinds
 from query.render import MEDIA_TYPES, serving
-from query.service import run_query
+from query.service import database_errors, run_query
 from query.state import state
 from schemas.api import LagReport, Problem, QueryResult, RollupList
 from schemas.rollups import GRANULARITIES
 
 router = APIRouter()
+DEADLINE_MARGIN_SECONDS = 1.0  # past the statement timeout, before a query gives up on Postgres
 
 X_CACHE: dict[Outcome, str] = {"hit": "hit", "stale": "stale", "miss": "miss", "coalesced": "miss", "bypass": "bypass"}
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
@@ -196,6 +197,8 @@ async def query_rollup(
         if export.total is not None:
             headers["X-Total-Count"] = str(export.total)
         return StreamingResponse(export.body, media_type=MEDIA_TYPES["csv"], headers=headers)
+    # The server enforces the statement timeout; this bounds the wait when it cannot (frozen, partitioned).
+    deadline = settings.statement_timeout_ms / 1000 + DEADLINE_MARGIN_SECONDS
     ttl = ttl_for(
         q.range.end,
         now,
@@ -206,7 +209,9 @@ async def query_rollup(
     )
 
     async def compute(reason: Reason) -> Entry:
-        return await run_query(st["engine"], rollup, q, after, secret=settings.cursor_secret, ttl=ttl, reason=reason)
+        return await run_query(
+            st["engine"], rollup, q, after, secret=settings.cursor_secret, ttl=ttl, reason=reason, deadline=deadline
+        )
 
     key = cache_key(settings.cache_prefix, q.identity())
     entry, outcome = await st["cache"].fetch(key, compute, force=forces_refresh(request.headers.get("cache-control")))
@@ -257,4 +262,6 @@ async def lag(request: Request) -> LagReport:
     seconds since the stored offset moved, and a verdict (OK, WARN, STALL, STOP) per partition and for
     the group, over the sampler's window of observations plus this measurement."""
     st = state(request)
-    return st["lag_sampler"].judge(await st["lag"].report())
+    async with database_errors(st["engine"]):  # Postgres down or restarting: a 503, not a 500
+        report = await st["lag"].report()
+    return st["lag_sampler"].judge(report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -9,10 +10,11 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core import metrics
 from core.db import ReadEngine
-from core.problems import Unavailable
+from core.problems import TallyError, Unavailable
 from query import cursor as cursors
 from query.cache_policy import Entry, Ttl, etag_for
 from query.catalog import Rollup
@@ -22,25 +24,90 @@ from query.planner import count_plan, plan
 from query.render import render
 
 _QUERY_CANCELED = "57014"  # statement_timeout
+# The server is shutting down, crashed, starting up or out of connection slots; class 08 is
+# "connection exception". asyncpg raises these untranslated while connecting (57P03 during a
+# restart), and translated (`.orig.sqlstate`) on a pooled connection.
+_UNREACHABLE = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception, what SQLAlchemy wrapped (`orig`) and what it was raised from."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
+    return seen
+
+
+def unavailable(exc: BaseException) -> Unavailable | None:
+    """The 503 for a database failure the client should retry, or None for a bug (a 500)."""
+    chain = _chain(exc)
+    states = {s for s in (getattr(e, "sqlstate", None) for e in chain) if isinstance(s, str)}
+    if _QUERY_CANCELED in states:
+        return Unavailable("the query ran past the statement timeout: narrow the range or filter", retry_after=5)
+    if any(isinstance(e, PoolTimeout) for e in chain):
+        return Unavailable("the database is unreachable or saturated", retry_after=1)
+    if (
+        states & _UNREACHABLE
+        or any(s.startswith("08") for s in states)
+        or any(isinstance(e, DBAPIError) and e.connection_invalidated for e in chain)
+        or any(isinstance(e, OSError | TimeoutError) for e in chain)
+    ):
+        return Unavailable("the database is unreachable", retry_after=1)
+    return None
 
 
 @contextlib.asynccontextmanager
 async def database_errors(engine: ReadEngine) -> AsyncIterator[None]:
-    """Turn a timed-out query or an unreachable, saturated database into a 503 with Retry-After."""
+    """Turn a timed-out query or an unreachable, restarting or saturated database into a 503 with
+    Retry-After (never a 500, never a hang: connecting and checking out are bounded by core.db)."""
     try:
         yield
-    except DBAPIError as exc:
-        if getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED:
-            raise Unavailable(
-                "the query ran past the statement timeout: narrow the range or filter", retry_after=5
-            ) from exc
-        if exc.connection_invalidated or isinstance(exc.orig, OSError):
-            raise Unavailable("the database is unreachable", retry_after=1) from exc
-        raise
-    except (PoolTimeout, OSError) as exc:
-        raise Unavailable("the database is unreachable or saturated", retry_after=1) from exc
+    except TallyError:
+        raise  # already what the client should see (e.g. the lag probe's own 503)
+    except Exception as exc:
+        problem = unavailable(exc)
+        if problem is None:
+            raise
+        raise problem from exc
     finally:
         metrics.db_pool_in_use.labels("query").set(engine.pool.checkedout())  # type: ignore[attr-defined]
+
+
+@contextlib.asynccontextmanager
+async def bounded_connection(engine: ReadEngine, seconds: float) -> AsyncIterator[AsyncConnection]:
+    """A connection whose work must be over within `seconds`, or a 503.
+
+    statement_timeout is enforced by the server, so a server that is frozen or cut off by a
+    partition never enforces it, and a query on a pooled connection would wait for ever (the
+    kernel keeps the idle TCP connection open). At the deadline the driver's socket is closed:
+    the query in flight fails at once and the pool drops the connection. (Cancelling the query
+    instead would make SQLAlchemy say goodbye to the silent server first, for 2 s more.)
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    too_late = Unavailable(f"the database did not answer within {seconds:g} s", retry_after=1)
+    conn = engine.connect()
+    try:
+        async with asyncio.timeout_at(deadline):  # checking out or connecting
+            await conn.start()
+    except TimeoutError as exc:
+        raise too_late from exc
+    driver = (await conn.get_raw_connection()).driver_connection
+    cut = loop.call_at(deadline, driver.terminate)  # type: ignore[union-attr]  # asyncpg: closes the socket
+    try:
+        try:
+            yield conn
+        finally:
+            await conn.close()  # back to the pool (a rollback), or dropped once cut
+    except Exception as exc:
+        if loop.time() >= deadline:
+            raise too_late from exc
+        raise
+    finally:
+        cut.cancel()
 
 
 async def run_query(
@@ -52,11 +119,13 @@ async def run_query(
     secret: str,
     ttl: Ttl,
     reason: str,
+    deadline: float,
 ) -> Entry:
+    """Run the query (and the total, if asked) within `deadline` seconds, and render the entry."""
     started = time.perf_counter()
     metrics.query_computations.labels(q.rollup, reason).inc()
     total: int | None = None
-    async with database_errors(engine), engine.connect() as conn:
+    async with database_errors(engine), bounded_connection(engine, deadline) as conn:
         metrics.db_pool_in_use.labels("query").set(engine.pool.checkedout())  # type: ignore[attr-defined]
         fetched: list[tuple[Any, ...]] = [
             tuple(r) for r in (await conn.execute(plan(rollup.spec, rollup.table, q, after))).all()
