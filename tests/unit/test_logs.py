@@ -51,9 +51,11 @@ def test_configure_sends_every_logger_through_one_json_handler(capsys: pytest.Ca
         logs.configure("ingest", level="info", fmt="json")
         logging.getLogger("uvicorn.error").info("started")
         logging.getLogger("tally.x").debug("hidden at info")
+        access_logged = logging.getLogger("uvicorn.access").hasHandlers()  # what uvicorn asks per connection
     finally:
         for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
             lg.handlers[:], lg.propagate = handlers, propagate
             lg.setLevel(level)
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
     assert [(x["service"], x["logger"], x["msg"]) for x in lines] == [("ingest", "uvicorn.error", "started")]
+    assert access_logged is False  # no line per request (the soak found one per request before)
