@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install promtool infra-tools dev test test-fast lint format clean bench bench-quick
+.PHONY: install promtool infra-tools dev test test-fast soak lint format clean bench bench-quick
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,12 +49,20 @@ test: lint
 test-fast: install
 	$(BIN)/pytest tests/unit
 
-# Benchmarks (bench/suite.py): every figure beside its limit measured in the same run, one table,
-# JSON in bench/results/. bench-quick (< 3 min) fails when a ratio is > 30 % worse than
-# bench/baseline.json (not committed yet, nor run by CI: issue 7). bench (~12 min) also draws the ingest chart.
+# The soak (tests/soak): the whole pipeline under steady mixed traffic, then exact counts,
+# no unexpected answer or error log line, flat memory. 300 s here; `make test` runs it for 60 s
+# (TALLY_SOAK_SECONDS unset). -s prints its summary table. Override: make soak TALLY_SOAK_SECONDS=900
+TALLY_SOAK_SECONDS ?= 300
+soak: install
+	TALLY_SOAK_SECONDS=$(TALLY_SOAK_SECONDS) $(BIN)/pytest -s tests/soak
+
+# Benchmarks (bench/suite.py, docs/performance.md): every figure beside its limit measured in the
+# same run, one table, JSON in bench/results/. bench (~12 min) also draws the ingest chart.
+# bench-quick (< 3 min; CI runs it before the tests) fails when a gated ratio is > 30 % worse than
+# bench/baseline.json twice in a row (a failing benchmark is measured once more).
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"
-	$(BIN)/python -m bench.suite --chart bench/results/ingest-throughput-latency.png --markdown
+	$(BIN)/python -m bench.suite --chart docs/img/ingest-throughput-latency.png --markdown
 
 bench-quick: install
 	$(BIN)/python -m bench.suite --quick --gate bench/baseline.json
