@@ -25,7 +25,6 @@ kill interrupts also depends on timing, which no seed fixes.)
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import time
@@ -34,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -45,9 +43,16 @@ from schemas.envelope import headers as envelope_headers
 from schemas.envelope import pack
 from schemas.events import normalize_event
 from tests import oracle
-from tests.e2e.conftest import expected_events_by_type, table_rows
+from tests.fault.support import (
+    assert_rollups_exact,
+    consumer_logs,
+    seeded,
+    seen_ids,
+    start_consumer,
+    wait_caught_up,
+)
 from tests.integration.consumer_helpers import stored_offsets
-from tests.processes import TallyProcess, tally_process
+from tests.processes import TallyProcess
 
 pytestmark = pytest.mark.fault
 
@@ -57,7 +62,6 @@ SECONDS = 20.0  # of streaming
 KILLS = 4
 ENVELOPES_PER_SECOND = 20
 EVENTS_PER_ENVELOPE = 100
-MEASURES = ["count", "sum_properties_amount", "min_properties_amount", "max_properties_amount"]
 
 
 @dataclass
@@ -102,10 +106,6 @@ async def produce_stream(settings: Settings, rng: random.Random, seconds: float,
     return out
 
 
-async def start(settings: Settings, tmp: Path) -> TallyProcess:
-    return await asyncio.to_thread(tally_process("consume", settings, tmp).start)
-
-
 async def chaos(
     settings: Settings, tmp: Path, procs: list[TallyProcess], rng: random.Random, log: list[str], frozen: set[int]
 ) -> None:
@@ -121,7 +121,7 @@ async def chaos(
         await asyncio.to_thread(procs[slot].kill)
         log.append(f"{time.monotonic() - began:5.1f}s kill -9 consumer {slot}; restart in {pause:.1f}s")
         await asyncio.sleep(pause)
-        procs[slot] = await start(settings, tmp)
+        procs[slot] = await start_consumer(settings, tmp)
 
 
 async def freeze(
@@ -142,53 +142,16 @@ async def freeze(
     frozen.discard(slot)
 
 
-async def wait_caught_up(settings: Settings, ends: dict[int, int], procs: list[TallyProcess], why: str,
-                         timeout: float = 45.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        stored = await stored_offsets(settings)
-        if all(stored.get(p, 0) >= end for p, end in ends.items()):
-            return
-        for proc in procs:
-            assert proc.process is not None and proc.process.poll() is None, f"{why}: a consumer died\n{proc.log()}"
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{why}: stored offsets {stored} never reached {ends}\n{await activity(settings)}")
-        await asyncio.sleep(0.2)
-
-
-async def activity(settings: Settings) -> str:
-    """What every session of the test's database is doing, for a failure message."""
-    conn = await asyncpg.connect(settings.postgres_url)
-    try:
-        rows = await conn.fetch(
-            "SELECT pid, application_name, state, wait_event_type, wait_event, now() - xact_start AS age, "
-            "pg_blocking_pids(pid) AS blocked_by, left(query, 160) AS query FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid() ORDER BY pid"
-        )
-    finally:
-        await conn.close()
-    return "\n".join(str(dict(r)) for r in rows)
-
-
-async def seen_ids(settings: Settings) -> int:
-    conn = await asyncpg.connect(settings.postgres_url)
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM tally_seen_events"))
-    finally:
-        await conn.close()
-
-
 @pytest.mark.parametrize("dedup", [False, True], ids=["offsets", "offsets+dedup"])
 async def test_kill_9_consumers_mid_stream_and_the_rollups_stay_exact(
     settings: Settings, tmp_path: Path, dedup: bool
 ) -> None:
-    seed = int(os.environ.get("TALLY_FAULT_SEED") or random.SystemRandom().randrange(2**32))
-    why = f"seed {seed} (rerun with TALLY_FAULT_SEED={seed})"
+    seed, why = seeded()
     print(f"fault test {'with' if dedup else 'without'} dedup: {why}")
     config = settings.model_copy(update={"topic_partitions": PARTITIONS, "dedup": dedup})
     await migrate(config)
     began = time.monotonic()
-    procs = list(await asyncio.gather(*(start(config, tmp_path) for _ in range(CONSUMERS))))
+    procs = list(await asyncio.gather(*(start_consumer(config, tmp_path) for _ in range(CONSUMERS))))
     log: list[str] = []
     frozen: set[int] = set()
     try:
@@ -202,17 +165,12 @@ async def test_kill_9_consumers_mid_stream_and_the_rollups_stay_exact(
         print("\n".join(log))
         print(f"{len(stream.acked)} events acknowledged ({stream.retried} more sent again) on "
               f"{sum(stream.ends.values())} records; caught up {time.monotonic() - began:.1f}s after the start")
-        logs = [path.read_text(errors="replace") for path in tmp_path.glob("consume-*.log")]
+        logs = consumer_logs(tmp_path)
         print(f"{len(logs)} consumer processes; {sum(t.count('batch fenced') for t in logs)} batches fenced")
 
         assert sum("kill -9" in line for line in log) == KILLS, why
         assert await stored_offsets(config) == stream.ends, why
-        url = str(config.postgres_url)
-        by_type = await table_rows(url, "agg_events_by_type", ["type", "source"], MEASURES)
-        assert sum(row["count"] for row in by_type.values()) == len(stream.acked), why
-        assert by_type == expected_events_by_type(stream.acked), why
-        views = await table_rows(url, "agg_page_views", ["properties_country", "properties_path"], ["count"])
-        assert views == {k: {"count": v["count"]} for k, v in oracle.page_views(stream.acked).items()}, why
+        await assert_rollups_exact(config, stream.acked, why)
         if dedup:
             assert stream.retried > 0, why
             assert await seen_ids(config) == len(stream.acked), why
