@@ -1,4 +1,4 @@
-"""Hypothesis-generated hostile event batches posted to the real ingest app, checked against an
+"""Hypothesis-generated hostile event batches posted to a real `tally ingest`, checked against an
 oracle written from the README's rules (not from schemas.events), then read back from Kafka.
 
 Bodies are built as JSON *text*, so they can say what a JSON encoder never would: duplicate keys,
@@ -28,6 +28,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,9 +39,9 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from core.settings import Settings
-from ingest.app import create_app
-from tests.hostile.support import assert_problem, ready, serving
+from tests.hostile.support import assert_problem
 from tests.kafka_read import read_topic
+from tests.processes import tally_process
 
 pytestmark = pytest.mark.integration
 
@@ -431,17 +432,24 @@ def fuzz(url: str, ledger: Ledger) -> None:
             run()
 
 
-async def test_hostile_event_payloads_get_exact_answers_and_exact_kafka_contents(migrated: Settings) -> None:
+async def test_hostile_event_payloads_get_exact_answers_and_exact_kafka_contents(
+    migrated: Settings, tmp_path: Path
+) -> None:
     settings = migrated
     ledger = Ledger()
-    async with serving(create_app(settings)) as (url, _):
-        await ready(url)
+    # A `tally ingest` process of its own: Hypothesis, generating here, must be the only user of
+    # this process's `random` (aiokafka's partitioner draws from it).
+    ingest = await asyncio.to_thread(tally_process("ingest", settings, tmp_path).start)
+    try:
+        url = f"http://127.0.0.1:{ingest.port}"
         await asyncio.to_thread(fuzz, url, ledger)
         good = [{"type": "after.hostile", "event_id": str(uuid.uuid4()), "properties": {"ok": True}} for _ in range(3)]
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             response = await http.post("/v1/events", json={"events": good})
         assert response.status_code == 202, response.text
         assert response.json() == {"accepted": 3, "rejected": []}
+    finally:
+        await asyncio.to_thread(ingest.stop)
     for e in good:
         ledger.accepted[str(e["event_id"])] = e
     assert ledger.requests >= EXAMPLES
