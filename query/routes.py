@@ -7,6 +7,7 @@ is also how unknown parameters and `filter[<dimension>]` are seen.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from fastapi import APIRouter, Path, Request
 from starlette.responses import Response, StreamingResponse
 
 from core import metrics
+from core.problems import Unavailable
 from query.cache import Outcome, Reason
 from query.cache_policy import Entry, cache_key, etag_matches, forces_refresh, ttl_for
 from query.cursor import decode
@@ -29,6 +31,7 @@ from schemas.rollups import GRANULARITIES
 
 router = APIRouter()
 DEADLINE_MARGIN_SECONDS = 1.0  # past the statement timeout, before a query gives up on Postgres
+LAG_KAFKA_SECONDS = 3.0  # the lag probe's own bound on Kafka (query.lag)
 
 X_CACHE: dict[Outcome, str] = {"hit": "hit", "stale": "stale", "miss": "miss", "coalesced": "miss", "bypass": "bypass"}
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
@@ -262,6 +265,12 @@ async def lag(request: Request) -> LagReport:
     seconds since the stored offset moved, and a verdict (OK, WARN, STALL, STOP) per partition and for
     the group, over the sampler's window of observations plus this measurement."""
     st = state(request)
-    async with database_errors(st["engine"]):  # Postgres down or restarting: a 503, not a 500
-        report = await st["lag"].report()
+    # Postgres down or restarting: a 503, not a 500. Frozen: the probe would wait for ever (the
+    # server's statement timeout cannot fire), so it gets the query deadline plus its Kafka time.
+    seconds = st["settings"].statement_timeout_ms / 1000 + DEADLINE_MARGIN_SECONDS + LAG_KAFKA_SECONDS
+    try:
+        async with asyncio.timeout(seconds), database_errors(st["engine"]):
+            report = await st["lag"].report()
+    except TimeoutError as exc:
+        raise Unavailable(f"the lag probe did not finish within {seconds:g} s", retry_after=1) from exc
     return st["lag_sampler"].judge(report)

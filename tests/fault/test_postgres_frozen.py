@@ -28,7 +28,7 @@ from core import devstack
 from core.migrate import migrate
 from core.settings import Settings
 from query.app import create_app as query_app
-from query.routes import DEADLINE_MARGIN_SECONDS
+from query.routes import DEADLINE_MARGIN_SECONDS, LAG_KAFKA_SECONDS
 from tests.conftest import serve
 from tests.fault.support import NO_CACHE, ROLLUP, Probe, assert_problem_503, probe, signal_all
 from tests.integration.query_support import WHOLE, insert_rows, make_rows
@@ -37,6 +37,7 @@ pytestmark = pytest.mark.fault
 
 STATEMENT_TIMEOUT_MS = 1_000
 BOUND = STATEMENT_TIMEOUT_MS / 1000 + DEADLINE_MARGIN_SECONDS + 1.0  # + scheduling on a loaded machine
+LAG_BOUND = STATEMENT_TIMEOUT_MS / 1000 + DEADLINE_MARGIN_SECONDS + LAG_KAFKA_SECONDS + 3.0  # + the probe's cleanup
 RECOVERY_BOUND = 10.0
 
 
@@ -66,8 +67,9 @@ async def test_a_frozen_postgres_gets_503s_within_the_deadline(
         try:
             frozen = time.monotonic()
             one_by_one = [await probe(query, ROLLUP, params=params(10 + i), headers=NO_CACHE) for i in range(3)]
-            burst = await asyncio.gather(
-                *(probe(query, ROLLUP, params=params(20 + i), headers=NO_CACHE) for i in range(8))
+            lag, *burst = await asyncio.gather(
+                probe(query, "/v1/ops/lag"),
+                *(probe(query, ROLLUP, params=params(20 + i), headers=NO_CACHE) for i in range(8)),
             )
             held = time.monotonic() - frozen
         finally:
@@ -88,10 +90,11 @@ async def test_a_frozen_postgres_gets_503s_within_the_deadline(
     print(
         f"frozen {held:.1f} s: {len(frozen_answers)} queries, slowest {max(p.elapsed for p in frozen_answers):.2f} s "
         f"(deadline {STATEMENT_TIMEOUT_MS / 1000 + DEADLINE_MARGIN_SECONDS:g} s); 200 again {recovered:.2f} s "
-        f"after the thaw, after {len(answers) - 1} more 503s"
+        f"after the thaw, after {len(answers) - 1} more 503s; /v1/ops/lag answered {lag.status} in {lag.elapsed:.2f} s"
     )
     assert [(p.status, total(p)) for p in warm] == [(200, want)] * 4
     assert_problem_503(frozen_answers, BOUND)
     assert all("did not answer within" in json.loads(p.body)["detail"] for p in frozen_answers), frozen_answers
     assert all(p.status in (200, 503) for p in answers), answers
+    assert_problem_503([lag], LAG_BOUND)
     assert (again.status, total(again)) == (200, want), again
