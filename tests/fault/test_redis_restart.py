@@ -60,6 +60,7 @@ from tests.fault.support import (
     until,
     wait_caught_up,
 )
+from tests.integration.query_support import sample
 
 pytestmark = pytest.mark.fault
 
@@ -102,6 +103,7 @@ async def test_redis_killed_and_restarted_mid_stream(
                     first_keyed = min(i for i in ledger.accepted if ledger.batches[i].key)
                     replayed = await send(ingest, ledger, first_keyed)  # its answer is replayed
 
+                    opened_before = sample("tally_ingest_rate_limit_unavailable_total", {})
                     killed = time.monotonic()
                     private_redis.kill()
                     await until(lambda: len(ledger.between(killed, time.monotonic())) >= 15, 20, "posts while down")
@@ -113,6 +115,7 @@ async def test_redis_killed_and_restarted_mid_stream(
 
                 async with streaming(ingest, ledger, rng, key=keys, query=query, probes=probes):
                     await until(lambda: len(ledger.between(killed, time.monotonic())) >= 25, 20, "posts while down")
+                    opened = sample("tally_ingest_rate_limit_unavailable_total", {}) - opened_before
                     restarting = time.monotonic()
                     private_redis.start()  # the same port, empty
                     restarted = time.monotonic()
@@ -160,6 +163,7 @@ async def test_redis_killed_and_restarted_mid_stream(
     assert all("idempotency store cannot be reached" in a.problem()["detail"] for a in down_keyed), why
     assert all(a.status == 202 and not limited(a) for a in down_plain), (why, down_plain)
     assert fail_open.status == 202 and not limited(fail_open), (why, fail_open)
+    assert opened >= len(down_plain), (why, opened)  # each let through, and counted
     # Queries while down: from Postgres, promptly, exact at a quiet moment.
     assert len(probes_down) >= 5, (why, probes)
     assert all(p.status == 200 and p.headers["x-cache"] == "bypass" for p in probes_down), (why, probes_down)
