@@ -1,5 +1,6 @@
 """A frozen Postgres (every process SIGSTOPped, as a hung host or a network partition looks to a
 client): the query API answers 503 within its deadline instead of hanging, and recovers after.
+Then a Postgres that refuses new sessions while it shuts down: 503s, not 500s.
 
 A stopped server refuses connections at once; a frozen one accepts TCP (the kernel does) and
 then says nothing, and the statement timeout, enforced by the server, never fires. Before the
@@ -11,6 +12,12 @@ Retry-After.
 What must hold, with a 1 s statement timeout: while frozen, every uncached query (one after the
 other, and a concurrent burst that needs new connections) answers 503 within BOUND seconds;
 after the thaw the API answers 200 with exact totals again within RECOVERY_BOUND seconds.
+
+Then Postgres gets SIGTERM (a smart shutdown) while the test holds one session open: for as long
+as that session lives, every new session is refused with 57P03 ("the database system is shutting
+down", as also in the moments of any restart). SQLAlchemy raises it as a plain DBAPIError, which
+the query API answered with a 500 before the fix this test came with. A query app started now
+(an empty pool: every query needs a new session) must answer 503 problem+json, fast.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import signal
 import time
 from decimal import Decimal
 
+import asyncpg
 import httpx
 import pytest
 
@@ -98,3 +106,30 @@ async def test_a_frozen_postgres_gets_503s_within_the_deadline(
     assert all(p.status in (200, 503) for p in answers), answers
     assert_problem_503([lag], LAG_BOUND)
     assert (again.status, total(again)) == (200, want), again
+
+    holder = await asyncpg.connect(private_postgres.url)
+    try:
+        assert private_postgres.process is not None
+        private_postgres.process.send_signal(signal.SIGTERM)
+        why = await refusing(private_postgres.url)
+        async with serve(query_app(config)) as url, httpx.AsyncClient(base_url=url, timeout=30) as query:
+            refused = [await probe(query, ROLLUP, params=params(50 + i), headers=NO_CACHE) for i in range(3)]
+            lag_refused = await probe(query, "/v1/ops/lag")
+    finally:
+        await holder.close()
+    print(f"shutting down ({why}): {[round(p.elapsed, 3) for p in refused]} s; lag {lag_refused.elapsed:.3f} s")
+    assert_problem_503([*refused, lag_refused], 1.5, why)
+    assert all(json.loads(p.body)["detail"] == "the database is unreachable" for p in refused), refused
+
+
+async def refusing(url: str, timeout: float = 10.0) -> str:
+    """Until Postgres refuses new sessions with 57P03; its message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = await asyncpg.connect(url)
+        except asyncpg.CannotConnectNowError as exc:
+            return str(exc)
+        await conn.close()
+        assert time.monotonic() < deadline, "Postgres still accepts sessions after SIGTERM"
+        await asyncio.sleep(0.05)
