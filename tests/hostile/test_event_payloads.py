@@ -217,9 +217,9 @@ def now_ms() -> int:
 
 
 types_ok = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True).map(jstr)
-types_bad = st.sampled_from(["", "x" * 65, "not valid!", "é", "a\x00", "a b"]).map(jstr) | st.sampled_from(
-    [J("null"), J("123", 123), J('["a"]', ["a"]), J("true", True)]
-)
+types_bad = st.sampled_from(["", "x" * 65, "not valid!", "é", "a\x00", "a b", "a\n", "purchase\n"]).map(
+    jstr
+) | st.sampled_from([J("null"), J("123", 123), J('["a"]', ["a"]), J("true", True)])
 
 
 def timestamp(kind: str) -> J | None:
