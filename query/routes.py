@@ -34,10 +34,11 @@ DEADLINE_MARGIN_SECONDS = 1.0  # past the statement timeout, before a query give
 LAG_KAFKA_SECONDS = 3.0  # the lag probe's own bound on Kafka (query.lag)
 
 X_CACHE: dict[Outcome, str] = {"hit": "hit", "stale": "stale", "miss": "miss", "coalesced": "miss", "bypass": "bypass"}
+_PROBLEM_JSON: dict[str, Any] = {"application/problem+json": {}}
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
-    400: {"model": Problem, "description": "Invalid parameter; `detail` names it."},
-    404: {"model": Problem, "description": "No such rollup."},
-    503: {"model": Problem, "description": "Postgres unreachable or the query timed out."},
+    400: {"model": Problem, "content": _PROBLEM_JSON, "description": "Invalid parameter; `detail` names it."},
+    404: {"model": Problem, "content": _PROBLEM_JSON, "description": "No such rollup."},
+    503: {"model": Problem, "content": _PROBLEM_JSON, "description": "Postgres unreachable or the query timed out."},
 }
 
 
@@ -258,7 +259,7 @@ def _respond(request: Request, entry: Entry, outcome: Outcome, fmt: str, rollup:
     response_model=LagReport,
     tags=["ops"],
     summary="Consumer lag and verdicts per partition",
-    responses={503: {"model": Problem, "description": "Kafka or Postgres unreachable."}},
+    responses={503: {"model": Problem, "content": _PROBLEM_JSON, "description": "Kafka or Postgres unreachable."}},
 )
 async def lag(request: Request) -> LagReport:
     """End offset, stored offset, lag in records and in seconds (age of the oldest unapplied record),
