@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import logs, metrics
-from core.problems import internal_error
+from core.problems import internal_error, problem_response
 
 log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
@@ -112,6 +112,37 @@ class MetricsMiddleware:
             method = scope["method"] if scope["method"] in METHODS else "other"
             metrics.http_requests.labels(self.service, template, method, str(status)).inc()
             metrics.http_latency.labels(self.service, template).observe(time.perf_counter() - start)
+
+
+class HeaderLimit:
+    """A pure ASGI middleware: a 431 problem+json when the headers total more than `max_bytes`.
+
+    uvicorn's httptools parser puts no bound on header size (h11 bounds only what arrives in
+    pieces), so a 100 KiB `Cookie` would reach the app and every dependency that parses
+    headers. The proxy in front (nginx: 8 KiB per line) normally refuses these first; this
+    keeps the answer the same, a 431 problem, when a service is reached directly.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            # Counted as sent: "name: value\r\n" per header.
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if size > self.max_bytes:
+                response = problem_response(
+                    431,
+                    "Request header fields too large",
+                    f"the request headers total {size} bytes; the limit is {self.max_bytes} (TALLY_MAX_HEADER_BYTES)",
+                    slug="header-too-large",
+                    instance=scope["path"],
+                    headers={"Connection": "close"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _request_id(scope: Scope) -> str:

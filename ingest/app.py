@@ -12,10 +12,9 @@ from core import kafka, logs
 from core.auth import auth_requires, auth_responses, open_key_store, require_scope
 from core.cache import redis_client
 from core.health import kafka_ok, redis_ok
-from core.http import MetricsMiddleware, drain_on_sigterm, ops_router
+from core.http import HeaderLimit, MetricsMiddleware, drain_on_sigterm, ops_router
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
-from ingest.guard import HeaderLimit
 from ingest.idempotency import IdempotencyStore
 from ingest.ratelimit import RateLimiter
 from ingest.routes import IngestState, router

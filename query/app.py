@@ -13,7 +13,7 @@ from core.auth import auth_responses, open_key_store, require_scope
 from core.cache import redis_client
 from core.db import read_engine
 from core.health import postgres_ok, redis_ok
-from core.http import MetricsMiddleware, drain_on_sigterm, ops_router
+from core.http import HeaderLimit, MetricsMiddleware, drain_on_sigterm, ops_router
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
 from query.cache import QueryCache
@@ -96,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)  # inside metrics: 431s are counted
     app.add_middleware(MetricsMiddleware, service="query")
     # Rollups and lag need a `query` key; /healthz, /readyz and /metrics (ops_router) stay open.
     app.include_router(router, dependencies=[Depends(require_scope("query"))], responses=auth_responses("query"))

@@ -232,3 +232,15 @@ async def test_formats(loaded: tuple[Settings, list[Row]]) -> None:
         assert int(line[3]) == row["count"]
     want = expected(rows, "hour", ["bucket", "source", "sum_properties_amount", "count"], START, END)
     assert as_rows["data"] == wire(sort_rows(want, ["bucket", "source"]))[:50]
+
+
+async def test_oversized_headers_are_a_431_problem(migrated: Settings) -> None:
+    """uvicorn bounds no header size: the query API refuses them itself, as ingest does."""
+    async with query_api(migrated.model_copy(update={"max_header_bytes": 2048})) as http:
+        refused = await http.get("/v1/rollups", headers={"x-pad": "a" * 4096})
+        passed = await http.get("/v1/rollups", headers={"x-pad": "a" * 1024})
+    assert refused.status_code == 431
+    assert refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert problem["status"] == 431 and "limit is 2048 (TALLY_MAX_HEADER_BYTES)" in problem["detail"]
+    assert passed.status_code == 200
