@@ -1,6 +1,7 @@
 """The soak's memory verdict on series whose answer is known: it must flag a leak of 1 KiB
-per ingest request over `make soak`'s 300 s, and pass a flat process with GC noise, a
-warm-up climb and spikes. A bound that passes everything would make the soak's memory
+per ingest request over `make soak`'s 300 s (a real one, injected into `tally ingest`, grew
+it 13.9 MiB there), and pass a flat process with ±2 MiB of noise, a warm-up climb and
+spikes (clean soaks moved at most 3.8 MiB). A bound that passes everything would make the soak's memory
 check one that cannot fail."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ MIB = memory.MIB
 REQUESTS_PER_SECOND = 90  # the soak's ingest: 80 slots/s plus keyed retries and conflicts
 
 
-def series(seconds: float, *, base: float = 70 * MIB, leak_per_request: float = 0.0, seed: int = 1,
+def series(seconds: float, *, base: float = 100 * MIB, leak_per_request: float = 0.0, seed: int = 1,
            every: float = 2.5) -> list[memory.Sample]:
     """RSS that climbs 25 MiB during the first tenth, then stays flat within ±2 MiB of noise, with a 6 MiB
     spike every 40 samples, plus `leak_per_request` bytes per ingest request."""
@@ -46,13 +47,13 @@ def test_a_leak_of_1_kib_per_request_fails_in_300_s(seed: int) -> None:
 
 def test_the_60_s_run_catches_only_larger_leaks() -> None:
     assert memory.judge("leaky", series(60, leak_per_request=1024, every=0.5), 60).ok
-    assert not memory.judge("leaky", series(60, leak_per_request=6 * 1024, every=0.5), 60).ok
+    assert not memory.judge("leaky", series(60, leak_per_request=5 * 1024, every=0.5), 60).ok
 
 
 def test_a_bigger_process_gets_a_proportional_slack() -> None:
     big = series(300, base=400 * MIB, leak_per_request=1024)
     verdict = memory.judge("big", big, 300)
-    assert verdict.bound - verdict.baseline == pytest.approx(0.05 * verdict.baseline + 8 * MIB, abs=1)
+    assert verdict.bound - verdict.baseline == pytest.approx(0.04 * verdict.baseline + 6 * MIB, abs=1)
 
 
 def test_too_few_samples_is_an_error_not_a_pass() -> None:
