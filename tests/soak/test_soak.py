@@ -8,7 +8,9 @@ and `tally query`, against the test's own database, topic and key prefix. Meanwh
   their retries and key conflicts, and resent events (tests/soak/traffic.py);
 - a dashboard polling the query API at QUERY_RATE requests/s, cached, conditional and
   `no-cache`, with the live bound on totals (tests/soak/queries.py);
-- every process's RSS sampled from /proc (tests/soak/memory.py).
+- every process's RSS sampled from /proc (tests/soak/memory.py); the traffic starts with
+  a few bursts at the client's full concurrency, so that memory's high-water mark is set
+  within the warm-up.
 
 At the end, with lag 0:
 (a) the rollup tables equal the oracle of exactly the events that got a 2xx, row by row,
@@ -55,6 +57,7 @@ QUERY_RATE = 30.0  # requests/s
 # at load 8, keyed requests timed out on ingest's Redis pool, 64 connections with 0.5 s waits in
 # core/cache.py, and got 503s: a limit of the deployment's sizing, reported apart, not modelled here.)
 CONNECTIONS = 64
+BURST_ROUNDS = 3  # of CONNECTIONS concurrent largest batches, first: see Ingest.burst
 MAX_EVENTS = 500  # TALLY_MAX_EVENTS here, so an oversize batch is small
 DRAIN_SECONDS = 90.0  # for the consumers to reach lag 0 after the traffic stops
 MEASURES = ["count", "sum_properties_amount", "min_properties_amount", "max_properties_amount"]
@@ -151,7 +154,8 @@ async def test_soak_steady_mixed_traffic_stays_exact_quiet_and_flat(settings: Se
             ingest = Ingest(ih, random.Random(seed), ledger, MAX_EVENTS)
             cpu = {name: memory.cpu_seconds(p.process.pid) or 0.0 for name, p in procs.items() if p.process}
             cpu["client"] = time.process_time()
-            schedule = await open_loop(ingest, INGEST_RATE, seconds)
+            await ingest.burst(CONNECTIONS, BURST_ROUNDS)
+            schedule = await open_loop(ingest, INGEST_RATE, seconds - (time.monotonic() - began))
             spent = {name: (memory.cpu_seconds(p.process.pid) or 0.0) - cpu[name]
                      for name, p in procs.items() if p.process}
             spent["client"] = time.process_time() - cpu["client"]

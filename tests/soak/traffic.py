@@ -146,12 +146,20 @@ class Ingest:
             kind = "good"
         await getattr(self, "_" + kind)()
 
-    async def _good(self) -> None:
-        events = self.events(self.rng.randint(*GOOD_SIZE))
+    async def _good(self, kind: str = "good", size: int | None = None) -> None:
+        events = self.events(size or self.rng.randint(*GOOD_SIZE))
         body, headers = encode(events, FORMS[self.sent % len(FORMS)])
-        if await self.send("good", body, headers, accepted(len(events), []), len(events)):
+        if await self.send(kind, body, headers, accepted(len(events), []), len(events)):
             self.ledger.accept(events)
             self._remember(events)
+
+    async def burst(self, concurrency: int, rounds: int) -> None:
+        """`rounds` times, `concurrency` of the largest good batches at once: the most the soak ever has
+        in flight at the server, so each process's memory high-water mark is set during the warm-up. (RSS
+        keeps its high-water mark: a later load spike on a shared machine would otherwise look like a leak.)"""
+        for _ in range(rounds):
+            self.sent += 1
+            await asyncio.gather(*(self._good("burst", GOOD_SIZE[1]) for _ in range(concurrency)))
 
     async def _partial(self) -> None:
         events = self.events(self.rng.randint(*GOOD_SIZE))
