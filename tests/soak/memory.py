@@ -2,25 +2,31 @@
 
 Why this bound. A Tally process reaches its working set in the first seconds of steady
 traffic: pymalloc arenas, connection pools, aiokafka's buffers, SQLAlchemy's compiled
-cache and asyncpg's statement cache all fill up to their limits and stay there. After
-that, RSS only moves with the garbage collector and the allocator. So the first WARMUP of
-the run is ignored; the median of the samples in the next stretch (up to BASELINE_END)
-is the baseline and the median of the last quarter is the end level (medians, so one GC
-spike decides nothing). The end level may exceed the baseline by SLACK_BYTES plus
-SLACK_RATIO of it: about 10 MiB for the soak's processes (90-100 MiB each).
+cache and asyncpg's statement cache all fill up to their limits and stay there. RSS keeps
+a high-water mark, though (arenas are returned only when wholly empty): ingest's follows
+the most requests it ever held at once, so the soak starts with bursts at its client's
+full concurrency (traffic.Ingest.burst) to set that mark during the warm-up; without them,
+a load spike from elsewhere on a shared machine once raised ingest 13 MiB late in a clean
+run. After that, RSS only moves with the garbage collector and the allocator. So the
+first WARMUP of the run is ignored; the median of the samples in the next stretch (up to
+BASELINE_END) is the baseline and the median of the last quarter is the end level
+(medians, so one GC spike decides nothing). The end level may exceed the baseline by
+SLACK_BYTES plus SLACK_RATIO of it: about 10 MiB for the soak's processes (90-115 MiB).
 
-Measured (2-core machine shared with other test runs, load average 4-9): in five clean
-soaks (three of 60 s, two of 300 s) the largest end-over-baseline growth of any process
-was 3.8 MiB (ingest, 60 s); over 300 s ingest grew 0.6-2.0 MiB, the consumers and query
-under 1 MiB. With a leak of 1 KiB per HTTP request injected into `tally ingest`
-(sitecustomize wrapping Starlette's __call__), a 300 s soak saw ingest grow 13.9 MiB.
+Measured (2-core machine shared with other test runs, load average 4-9): in clean soaks
+(five of 60 s, three of 300 s) the largest end-over-baseline growth of any process was
+3.8 MiB (ingest, 60 s, before the bursts); with the bursts, ingest moved 0.0 MiB over
+300 s, the consumers and query under 1 MiB.
 
-What it catches. The two windows' centres are 0.55 x the run apart: 165 s in a 300 s
-soak, in which ingest answers ~15,000 requests (~90/s) and query ~5,000: a leak of
-~0.7 KiB per ingest request, or ~2 KiB per query, fails. tests/soak/test_memory_bound.py
-checks the verdict on such series. The 60 s CI run has the same rule over a fifth of the
-requests, so it catches only leaks from about 4 KiB per request; `make soak` (300 s) is
-the real check.
+What it catches, measured with a leak injected into `tally ingest` (a sitecustomize
+wrapping Starlette's __call__ to keep N bytes per HTTP request; ~90 requests/s, so ~15,000
+between the windows' centres, 0.55 x the run apart): over 300 s, 2 KiB per request grew
+ingest 44.7 MiB against 10.6 allowed (fails, 4x margin); 1 KiB per request grew it only
+7.4 MiB and passed, because its first ~15 MiB filled heap that the warm-up bursts had
+freed (without the bursts the same leak grew it 13.9 MiB). So `make soak` fails leaks from
+about 1.5 KiB per ingest request (~4 KiB per query request, 30/s); the 60 s CI run, with a
+fifth of the requests, only from about 6 KiB. tests/soak/test_memory_bound.py checks the
+verdict on such series.
 """
 
 from __future__ import annotations
