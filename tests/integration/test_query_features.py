@@ -148,7 +148,9 @@ async def test_exports_beyond_the_bound_get_a_fast_503(loaded: tuple[Settings, l
             " + make_interval(mins => g), 'bulk-' || (g % 7), 'src', 1 FROM generate_series(1, 300000) AS g")
     finally:
         await conn.close()
-    one_at_a_time = settings.model_copy(update={"max_limit": 50, "default_limit": 50, "max_exports": 1, "max_buckets": 10**6})
+    one_at_a_time = settings.model_copy(
+        update={"max_limit": 50, "default_limit": 50, "max_exports": 1, "max_buckets": 10**6}
+    )
     params = {"from": "2026-04-05T00:00:00Z", "to": "2027-01-01T00:00:00Z", "format": "csv", "limit": "400000",
               "fields": "type,source,count", "granularity": "month"}
     export = {**params, "fields": "bucket,type,count", "granularity": "minute"}
