@@ -210,6 +210,10 @@ async def walk_all(api: ThreadApi, q: dict[str, Any]) -> tuple[list[Row], list[d
     raise AssertionError("the cursor walk did not end")
 
 
+# The app under test runs in a thread of this process, and its background work (the lag
+# sampler's Kafka client, retry jitter) uses the global `random` while Hypothesis draws
+# examples; Hypothesis reports any such use as a strategy's, which none of ours is.
+@pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                 HealthCheck.too_slow])
 @given(rows=stored_rows(), q=queries())
