@@ -20,6 +20,8 @@ from typing import TypeVar
 from aiokafka.errors import KafkaError
 from sqlalchemy import exc as sa_exc
 
+from core.db import exception_chain
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -37,19 +39,9 @@ class Stopped(Exception):
     """A stop was requested while work was still failing; the work was not done (and not committed)."""
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
-    return chain
-
-
 def postgres_transient(exc: BaseException) -> bool:
     """Worth retrying: the connection broke, the server restarts, or a deadlock/serialization failure."""
-    for cause in _causes(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, sa_exc.DBAPIError) and cause.connection_invalidated:
             return True
         if isinstance(cause, _TRANSIENT_TYPES) or type(cause).__name__ in _TRANSIENT_NAMES:

@@ -53,3 +53,15 @@ def read_engine(url: str, *, pool_size: int, statement_timeout_ms: int, app: str
     return ReadEngine(
         _engine(url, pool_size=pool_size, app=app, statement_timeout_ms=statement_timeout_ms, extra=_CUSTOM_PLANS)
     )
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """The exception, what SQLAlchemy wrapped (`orig`) and what it was raised from: where a
+    driver's error (an asyncpg SQLSTATE, an OSError) is found under SQLAlchemy's wrapper."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
+    return seen

@@ -13,7 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core import metrics
-from core.db import ReadEngine
+from core.db import ReadEngine, exception_chain
 from core.problems import TallyError, Unavailable
 from query import cursor as cursors
 from query.cache_policy import Entry, Ttl, etag_for
@@ -30,20 +30,9 @@ _QUERY_CANCELED = "57014"  # statement_timeout
 _UNREACHABLE = frozenset({"57P01", "57P02", "57P03", "53300"})
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception, what SQLAlchemy wrapped (`orig`) and what it was raised from."""
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
-    return seen
-
-
 def unavailable(exc: BaseException) -> Unavailable | None:
     """The 503 for a database failure the client should retry, or None for a bug (a 500)."""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     states = {s for s in (getattr(e, "sqlstate", None) for e in chain) if isinstance(s, str)}
     if _QUERY_CANCELED in states:
         return Unavailable("the query ran past the statement timeout: narrow the range or filter", retry_after=5)

@@ -78,8 +78,9 @@ async def migrated(settings: Settings) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[str]:
-    """Run an app under a real uvicorn server on a free port; yield its base URL."""
+async def serving(app: FastAPI) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+    """Run an app under a real uvicorn server on a free port; yield its base URL and the server
+    (whose open connections a test may count)."""
     port = devstack.free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
@@ -90,7 +91,14 @@ async def serve(app: FastAPI) -> AsyncIterator[str]:
             raise RuntimeError("uvicorn exited before it started")
         await asyncio.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[str]:
+    """Run an app under a real uvicorn server on a free port; yield its base URL."""
+    async with serving(app) as (url, _):
+        yield url

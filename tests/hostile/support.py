@@ -6,37 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import orjson
-import uvicorn
-from fastapi import FastAPI
-
-from core import devstack
 
 PROBLEM_JSON = "application/problem+json"
-
-
-@contextlib.asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[tuple[str, uvicorn.Server]]:
-    """Like tests.conftest.serve, but also yields the server, whose open connections a test counts."""
-    port = devstack.free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("uvicorn exited before it started")
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def until(check: Callable[[], Awaitable[bool]], *, within: float, what: str) -> float:

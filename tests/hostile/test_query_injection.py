@@ -23,7 +23,8 @@ import pytest
 from core.settings import Settings
 from query.app import create_app
 from query.params import PARAMETERS
-from tests.hostile.support import assert_problem, serving
+from tests.conftest import serving
+from tests.hostile.support import assert_problem
 from tests.integration.query_support import ALL_FIELDS, WHOLE, exact, insert_rows, make_rows, wire
 
 pytestmark = pytest.mark.integration

@@ -18,6 +18,7 @@ import uvicorn
 
 from core.settings import Settings
 from ingest.app import create_app
+from tests.conftest import serving
 from tests.hostile.support import (
     assert_problem,
     port_of,
@@ -25,7 +26,6 @@ from tests.hostile.support import (
     read_response,
     ready,
     request_head,
-    serving,
     until,
 )
 from tests.kafka_read import read_topic
