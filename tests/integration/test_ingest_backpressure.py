@@ -76,9 +76,12 @@ async def test_broker_down_then_back(migrated: Settings, broker: devstack.Embedd
         assert response.headers["retry-after"] == "1"
         assert response.headers["content-type"] == "application/problem+json"
         assert elapsed < settings.produce_timeout_seconds + 1.5, f"took {elapsed:.2f} s"
-    # After the first failure the breaker refuses at once; at most one request probes the broker.
+    # After the first failure the breaker refuses without waiting for the produce deadline; at most
+    # one request probes the broker. (The bound is half the deadline, not a fixed 0.5 s: 30
+    # concurrent requests on one loop took 0.41-0.51 s each in a CI run with the hypervisor
+    # stealing a third of the CPU, still four times faster than waiting the deadline.)
     assert all(r.status_code == 503 and r.headers["retry-after"] == "1" for r, _ in after)
-    assert sorted(e for _, e in after)[-2] < 0.5, sorted(e for _, e in after)
+    assert sorted(e for _, e in after)[-2] < settings.produce_timeout_seconds / 2, sorted(e for _, e in after)
     assert ready_down.status_code == 503 and ready_down.json()["checks"]["kafka"] is False
     assert keyed.status_code == 503
     assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers
