@@ -139,10 +139,13 @@ def _batch_sql(table: str) -> str:
     quoted = '"' + table.replace('"', '""') + '"'
     # Identifiers come from validated rollup specs and are quoted; values are bound.
     return (
-        f"WITH gone AS (DELETE FROM {quoted} WHERE ctid = ANY(ARRAY("  # noqa: S608
-        f"SELECT ctid FROM {quoted} WHERE bucket >= :lower AND bucket < :cutoff "
-        "ORDER BY bucket LIMIT :rows FOR UPDATE SKIP LOCKED)) RETURNING bucket) "
-        "SELECT count(*), max(bucket), CAST(pg_current_xact_id_if_assigned() AS text) FROM gone"
+        f"WITH picked AS (SELECT ctid, bucket FROM {quoted} WHERE bucket >= :lower AND bucket < :cutoff "  # noqa: S608
+        "ORDER BY bucket LIMIT :rows FOR UPDATE SKIP LOCKED), "
+        f"gone AS (DELETE FROM {quoted} WHERE ctid = ANY(ARRAY(SELECT ctid FROM picked)) RETURNING bucket) "
+        # picked, not deleted, decides the end: a row a writer updated during the statement is
+        # picked (locked at its new version) but not deleted (invisible to this statement's snapshot)
+        "SELECT count(*), (SELECT count(*) FROM picked), (SELECT max(bucket) FROM picked), "
+        "CAST(pg_current_xact_id_if_assigned() AS text) FROM gone"
     )
 
 
@@ -160,12 +163,14 @@ async def _expire(
     statement = text(_batch_sql(spec.table))
     lower, rows = _LOWEST, settings.retention_batch_rows
     while True:
-        count, reached, xid = (await conn.execute(statement, {"lower": lower, "cutoff": cutoff, "rows": rows})).one()
+        count, picked, reached, xid = (
+            await conn.execute(statement, {"lower": lower, "cutoff": cutoff, "rows": rows})
+        ).one()
         out.batches.append(Batch(int(count), None if xid is None else int(xid)))
         out.deleted += int(count)
         if count:
             deleted_rows.labels(spec.name).inc(int(count))
-        if count < rows or (stop is not None and stop.is_set()):
+        if picked < rows or (stop is not None and stop.is_set()):
             return out
         lower = reached  # rows of this bucket may remain (other dimension values): start at it, not after
         if settings.retention_pause_seconds:
