@@ -228,7 +228,7 @@ async def test_200k_old_rows_go_in_short_transactions_while_upserts_and_queries_
         # (A row the writer held was skipped, not waited for; both are left to the next run.)
         assert 200_000 - writes <= by_type.deleted <= 200_000 + writes and sum(rows) == by_type.deleted
         # A row the writer updated during a batch is locked but not deleted: a batch may be short by it.
-        assert len(rows) >= 41 and all(5_000 - writes <= r <= 5_000 for r in rows[:-1]) and rows[-1] < 5_000
+        assert len(rows) >= 40 and all(5_000 - writes <= r <= 5_000 for r in rows[:-1]) and rows[-1] < 5_000
         assert len({b.xid for b in by_type.batches if b.rows}) == len([r for r in rows if r])  # one transaction each
         # Others saw the deletes land batch by batch, not all at once at the end.
         assert len({n for n in seen_old if 0 < n < 200_000}) >= 3, seen_old
