@@ -50,19 +50,28 @@ DOCS_CSP = (
     b"font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
     b"connect-src 'self'; worker-src blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-API_HEADERS = (*_COMMON_HEADERS, (b"content-security-policy", API_CSP))
-DOCS_HEADERS = (*_COMMON_HEADERS, (b"content-security-policy", DOCS_CSP))
-DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+def page_headers(csp: bytes) -> Headers:
+    """The security headers for a page that needs a content security policy of its own."""
+    return (*_COMMON_HEADERS, (b"content-security-policy", csp))
+
+
+API_HEADERS = page_headers(API_CSP)
+# Path -> the headers of the pages at and below it; every other path gets API_HEADERS.
+Pages = tuple[tuple[str, Headers], ...]
+DOCS_PAGES: Pages = (("/docs", page_headers(DOCS_CSP)), ("/redoc", page_headers(DOCS_CSP)))
 # Any token is a valid HTTP method: labelling series by the client's spelling would let
 # anyone grow /metrics (and memory) without bound, one method name per series.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, service: str, *, docs_paths: frozenset[str] = DOCS_PATHS) -> None:
+    def __init__(self, app: ASGIApp, service: str, *, pages: Pages = ()) -> None:
         self.app = app
         self.service = service
-        self.docs_paths = docs_paths
+        self.pages = (*DOCS_PAGES, *pages)
         self._in_progress = metrics.http_in_progress.labels(service)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -71,10 +80,7 @@ class MetricsMiddleware:
             return
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        stamp = (
-            (REQUEST_ID_HEADER, request_id.encode("latin-1")),
-            *(DOCS_HEADERS if scope["path"] in self.docs_paths else API_HEADERS),
-        )
+        stamp = ((REQUEST_ID_HEADER, request_id.encode("latin-1")), *self._security_headers(scope["path"]))
         status = 500
         started = False
         start = time.perf_counter()
@@ -112,6 +118,12 @@ class MetricsMiddleware:
             method = scope["method"] if scope["method"] in METHODS else "other"
             metrics.http_requests.labels(self.service, template, method, str(status)).inc()
             metrics.http_latency.labels(self.service, template).observe(time.perf_counter() - start)
+
+    def _security_headers(self, path: str) -> Headers:
+        for prefix, headers in self.pages:
+            if path == prefix or path.startswith(prefix + "/"):
+                return headers
+        return API_HEADERS
 
 
 class HeaderLimit:
