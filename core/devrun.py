@@ -46,6 +46,10 @@ def start_embedded(settings: Settings) -> tuple[Settings, list[devstack.Embedded
         raise
     for server in servers:
         log.info("embedded %s on %s", server.name, server.url)
+    if not settings.metrics_targets:  # the console's rates: this stack's ingest and consumer
+        ingest = _url(settings, settings.ingest_port)
+        consumer = _url(settings, settings.consumer_metrics_port)
+        update["metrics_targets"] = f"ingest={ingest}/metrics,consumer={consumer}/metrics"
     return settings.model_copy(update=update), servers
 
 
@@ -137,6 +141,7 @@ def _banner(settings: Settings) -> None:
 Tally is running (Ctrl-C stops everything)
   ingest   {ingest}/v1/events       docs {ingest}/docs
   query    {query}/v1/rollups       docs {query}/docs
+  console  {query}/console/
   lag      {query}/v1/ops/lag
   metrics  {ingest}/metrics  {query}/metrics  http://{settings.bind_host}:{settings.consumer_metrics_port}/metrics
   auth     {_auth_line(settings)}

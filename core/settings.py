@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     # Lag verdicts (query): an observation every lag_sample_seconds, the last lag_window_samples kept.
     lag_sample_seconds: float = Field(5.0, gt=0)
     lag_window_samples: int = Field(10, ge=2)
+    # The console's ops view (query.counters): `name=url` pairs, comma-separated, of the /metrics
+    # of every ingest and consumer process to sum. Empty: the console shows no rates.
+    metrics_targets: str = ""
 
     # Embedded dev stack (`tally dev`).
     dev_dir: Path = Path(".tally")
@@ -153,6 +156,11 @@ class Settings(BaseSettings):
             lateness_ms=self.lateness_seconds * 1000,
             future_ms=self.future_seconds * 1000,
         )
+
+    @cached_property
+    def metrics_target_urls(self) -> tuple[tuple[str, str], ...]:
+        """TALLY_METRICS_TARGETS as (name, url) pairs; an entry without `name=` is `target-<n>`."""
+        return parse_targets(self.metrics_targets)
 
     def require(self, *names: str) -> None:
         """Fail at start-up, naming the variables a service needs but lacks."""
@@ -177,6 +185,11 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _metrics_targets_parse(self) -> Settings:
+        parse_targets(self.metrics_targets)  # a malformed list fails at start-up, not on the first scrape
+        return self
+
+    @model_validator(mode="after")
     def _default_limit_within_max(self) -> Settings:
         # A default above the maximum would turn every page without `limit` into a streamed export.
         if self.default_limit > self.max_limit:
@@ -196,6 +209,18 @@ class Settings(BaseSettings):
             if value is not None:
                 out[f"TALLY_{name.upper()}"] = str(value)
         return out
+
+
+def parse_targets(value: str) -> tuple[tuple[str, str], ...]:
+    targets = []
+    for i, entry in enumerate((e.strip() for e in value.split(",") if e.strip()), start=1):
+        named = "=" in entry.split("://", 1)[0]  # an `=` after the scheme belongs to the URL
+        name, _, url = entry.partition("=") if named else ("", "", entry)
+        name = name.strip() or f"target-{i}"
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"TALLY_METRICS_TARGETS: {entry!r} is not `name=http(s)://host:port/metrics`")
+        targets.append((name, url.strip()))
+    return tuple(targets)
 
 
 def get_settings(**overrides: object) -> Settings:

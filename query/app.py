@@ -18,6 +18,8 @@ from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
 from query.cache import QueryCache
 from query.catalog import Catalog
+from query.console import CONSOLE_PAGES, mount_console
+from query.counters import CounterScraper
 from query.export import ExportGate
 from query.lag import LagProbe
 from query.lag_sampler import LagSampler
@@ -58,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
         redis = redis_client(str(settings.redis_url))
         lag = LagProbe(settings, engine)
         sampler = LagSampler(lag, settings)
+        counters = CounterScraper(settings.metrics_target_urls)
         keys = open_key_store(settings, app="tally-query")  # its own small pool: auth never waits on queries
         # A lock outlives the slowest query, so a crashed holder delays others by at most that.
         cache = QueryCache(redis, lock_ttl_ms=settings.statement_timeout_ms + 2_000)
@@ -75,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
                 exports=ExportGate(settings.max_exports),
                 lag=lag,
                 lag_sampler=sampler,
+                counters=counters,
                 keys=keys,
             )
         finally:
@@ -82,6 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await sampler.stop()
                 await cache.drain()
                 await lag.close()
+                await counters.close()
             finally:
                 await redis.aclose()
                 await engine.dispose()
@@ -97,11 +102,12 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_problem_handlers(app)
     app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)  # inside metrics: 431s are counted
-    app.add_middleware(MetricsMiddleware, service="query")
+    app.add_middleware(MetricsMiddleware, service="query", pages=CONSOLE_PAGES)
     # Rollups and lag need a `query` key; /healthz, /readyz and /metrics (ops_router) stay open.
     app.include_router(router, dependencies=[Depends(require_scope("query"))], responses=auth_responses("query"))
     # Queries answer without Redis (bypass) and without Kafka (only lag needs it).
     app.include_router(ops_router(readiness, gating=frozenset({"postgres"})))
+    mount_console(app)  # static files only: its data comes from the routes above, with the user's key
     return app
 
 

@@ -26,7 +26,7 @@ from query.planner import order_kinds
 from query.render import MEDIA_TYPES, serving
 from query.service import database_errors, run_query
 from query.state import state
-from schemas.api import LagReport, Problem, QueryResult, RollupList
+from schemas.api import LagReport, Problem, QueryResult, RollupList, ServiceCounters
 from schemas.rollups import GRANULARITIES
 
 router = APIRouter()
@@ -275,3 +275,17 @@ async def lag(request: Request) -> LagReport:
     except TimeoutError as exc:
         raise Unavailable(f"the lag probe did not finish within {seconds:g} s", retry_after=1) from exc
     return st["lag_sampler"].judge(report)
+
+
+@router.get(
+    "/v1/ops/counters",
+    response_model=ServiceCounters,
+    tags=["ops"],
+    summary="Ingest and consumer counters, for rates",
+)
+async def counters(request: Request) -> ServiceCounters:
+    """Events accepted and rejected by ingest, backpressure refusals, events applied by consumers and
+    dead letters, each summed over its labels, from the /metrics of every process named in
+    TALLY_METRICS_TARGETS (scraped now, in parallel, each within 1 s). Two answers give rates: a
+    counter that went down was restarted. A target that did not answer is listed with `up: false`."""
+    return await state(request)["counters"].scrape()

@@ -12,6 +12,7 @@ from core.db import ReadEngine
 from core.settings import Settings
 from query.cache import QueryCache
 from query.catalog import Catalog
+from query.counters import CounterScraper
 from query.export import ExportGate
 from query.lag import LagProbe
 from query.lag_sampler import LagSampler
@@ -28,6 +29,7 @@ class QueryState(TypedDict):
     exports: ExportGate
     lag: LagProbe
     lag_sampler: LagSampler
+    counters: CounterScraper
     keys: KeyStore | None  # for `require_scope`; None when auth is off
 
 

@@ -130,3 +130,18 @@ class LagReport(BaseModel):
     max_lag_seconds: float
     status: LagStatus = Field(default="UNKNOWN", description="The worst partition's verdict.")
     window: LagWindow | None = None
+
+
+class CounterSource(BaseModel):
+    name: str = Field(description="The target's name in TALLY_METRICS_TARGETS (`name=url`).")
+    up: bool = Field(description="Whether its /metrics answered within the scrape timeout.")
+    error: str | None = Field(default=None, description="Why not, when it did not (no address is shown).")
+    counters: dict[str, float] = Field(
+        default_factory=dict, description="Each counter of `ServiceCounters.names`, summed over its labels."
+    )
+
+
+class ServiceCounters(BaseModel):
+    at: float = Field(description="Unix time of the scrape: two answers give rates.")
+    names: list[str] = Field(description="The counters scraped, in display order.")
+    sources: list[CounterSource] = Field(description="One entry per metrics target, in configured order.")

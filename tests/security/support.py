@@ -26,6 +26,11 @@ PUBLIC: dict[str, str] = {
     "/docs/oauth2-redirect": "a static page FastAPI adds with /docs",
     "/redoc": "ReDoc over /openapi.json, a static page",
 }
+# Public on the query app only (the ingest app has none of these).
+QUERY_PUBLIC: dict[str, str] = {
+    "/console/": "the console's static HTML, script, styles and uPlot; all it shows comes from the API, "
+    "called from the browser with the user's own key",
+}
 PATH_PARAMS = {"name": "events_by_type"}  # a route with a new path parameter needs a sample value here
 
 
@@ -57,8 +62,13 @@ def app_routes(app: FastAPI) -> list[RouteInfo]:
     return out
 
 
+def public_routes(name: str) -> dict[str, str]:
+    """What the app called `name` ("ingest" or "query") must serve without a key, and why."""
+    return PUBLIC | (QUERY_PUBLIC if name == "query" else {})
+
+
 def public_paths(app: FastAPI) -> set[str]:
-    return {r.path for r in app_routes(app) if r.path in PUBLIC}
+    return {r.path for r in app_routes(app) if r.path in PUBLIC or r.path in QUERY_PUBLIC}
 
 
 def protected_routes(app: FastAPI) -> list[tuple[str, str]]:
@@ -69,7 +79,7 @@ def protected_routes(app: FastAPI) -> list[tuple[str, str]]:
     """
     out = []
     for route in app_routes(app):
-        if route.path in PUBLIC:
+        if route.path in PUBLIC or route.path in QUERY_PUBLIC:
             continue
         assert route.kind != "WebSocketRoute", f"{route.path}: a WebSocket route needs its own auth check"
         try:

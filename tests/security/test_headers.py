@@ -1,7 +1,8 @@
 """Security headers on every response of both apps: successes, refusals, errors, 404s, 304s, streams, 500s.
 
 The JSON APIs get `default-src 'none'`; the Swagger UI and ReDoc pages get a policy
-that allows exactly what those pages load, which is checked against their own HTML.
+that allows exactly what those pages load, which is checked against their own HTML, and
+so does the console (this origin's files only: no inline script or style, no eval).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ingest.app import create_app as ingest_app
 from query.app import create_app as query_app
 from tests.conftest import serve
 from tests.integration.query_support import insert_rows, make_rows
-from tests.security.support import PUBLIC, Keys, make_keys, protected_routes
+from tests.security.support import Keys, make_keys, protected_routes, public_routes
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +35,10 @@ COMMON = {
 }
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 DOCS = ("/docs", "/redoc", "/docs/oauth2-redirect")
+CONSOLE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 ROLLUP = "/v1/rollups/events_by_type"
 WHOLE = {"from": "2026-03-01T00:00:00Z", "to": "2026-05-01T00:00:00Z"}
 
@@ -46,6 +51,8 @@ def assert_secure(r: httpx.Response) -> None:
     assert len(policy) == 1, where
     if r.request.url.path in DOCS:
         assert "frame-ancestors 'none'" in policy[0] and policy[0] != API_CSP, where
+    elif r.request.url.path == "/console" or r.request.url.path.startswith("/console/"):
+        assert policy[0] == CONSOLE_CSP, where
     else:
         assert policy[0] == API_CSP, where
     assert len(r.headers.get_list("x-request-id")) == 1, where
@@ -119,7 +126,7 @@ async def test_every_response_carries_the_security_headers(
             app.add_api_route("/boom", boom)  # an exception in a route: a 500 from the middleware
             url = await stack.enter_async_context(serve(app))
             http = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30))
-            responses = [await http.get(path) for path in PUBLIC]
+            responses = [await http.get(path) for path in public_routes(name)]
             responses.append(await http.get("/boom"))
             responses += await (ingest_responses(http, *keys) if name == "ingest" else query_responses(http, keys[0]))
             no_key = [await http.request(method, path) for method, path in protected_routes(app)]
@@ -182,3 +189,32 @@ async def test_the_docs_pages_may_load_what_they_need_and_nothing_else_may(setti
                 assert "'unsafe-eval'" not in policy.get("script-src", []), path
                 assert policy.get("object-src", ["'none'"]) == ["'none'"], path
                 assert policy.get("frame-src", ["'none'"]) == ["'none'"], path
+
+
+async def test_the_console_loads_only_its_own_files(settings: Settings) -> None:
+    """Every asset the page names is served here, under the console's policy, with its type; the
+    page has no inline script or style (which that policy would block); the API stays `'none'`."""
+    on = settings.model_copy(update={"auth": True})
+    async with serve(query_app(on)) as url, httpx.AsyncClient(base_url=url) as http:
+        redirect = await http.get("/console")
+        assert redirect.status_code in (301, 307) and redirect.headers["location"].endswith("/console/")
+        assert_secure(redirect)
+        page = await http.get("/console/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert_secure(page)
+        html = page.text
+        assert "<script>" not in html and "<style" not in html and 'style="' not in html
+        assert not re.search(r"\son[a-z]+=", html)  # no inline event handlers either
+        scripts = re.findall(r'<script[^>]*\bsrc="([^"]+)"', html)
+        sheets = re.findall(r'<link rel="stylesheet" href="([^"]+)"', html)
+        assert scripts == ["vendor/uplot/uPlot.iife.min.js", "console.js"]
+        assert sheets == ["vendor/uplot/uPlot.min.css", "console.css"]
+        for asset, kind in [*((s, "javascript") for s in scripts), *((s, "text/css") for s in sheets)]:
+            r = await http.get(f"/console/{asset}")
+            assert r.status_code == 200 and kind in r.headers["content-type"], asset
+            assert_secure(r)
+            assert "http://" not in r.text and "https://" not in r.text.replace("https://github.com/leeoniya/uPlot", "")
+        for path in ("/console/nope.js", "/consoles"):  # the console's policy covers /console and below only
+            missing = await http.get(path)
+            assert missing.status_code == 404
+            assert_secure(missing)
