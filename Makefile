@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install promtool infra-tools dev test test-fast soak lint format clean bench bench-quick
+.PHONY: install promtool infra-tools browser dev test test-fast soak lint format clean bench bench-quick screenshots
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ infra-tools:
 	  { $$sudo $(APT_GET) update && $$sudo $(APT_GET) install -y --no-install-recommends $(INFRA_PACKAGES) >/dev/null; }; \
 	  docker-compose version --short; }
 
+# chromium for tests/console (Playwright drives the system browser; it downloads none): Debian's
+# package, installed only when missing. `make test` runs this.
+browser:
+	@command -v chromium >/dev/null || [ -n "$${TALLY_CHROMIUM:-}" ] || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo $(APT_GET) install -y --no-install-recommends chromium fonts-dejavu-core >/dev/null 2>&1 || \
+	  { $$sudo $(APT_GET) update && $$sudo $(APT_GET) install -y --no-install-recommends chromium fonts-dejavu-core >/dev/null; }; \
+	  chromium --version; }
+
 dev: install
 	$(BIN)/tally dev --demo
 
@@ -43,8 +52,13 @@ lint: install
 	$(BIN)/ruff format --check core schemas ingest consumers query
 	$(BIN)/mypy
 
-test: lint
+test: lint browser
 	$(BIN)/pytest
+
+# The console's screenshots in README: the browser tests save them, this copies them into docs/img.
+screenshots: install browser
+	TALLY_TEST_ARTIFACTS=build/test-artifacts $(BIN)/pytest -q tests/console
+	cp build/test-artifacts/console/console-explore.png build/test-artifacts/console/console-ops.png docs/img/
 
 test-fast: install
 	$(BIN)/pytest tests/unit
