@@ -255,7 +255,10 @@
       ],
     };
     const chart = new uPlot(options, [xs, ...columns], container);
-    new ResizeObserver(() => chart.setSize({ width: Math.max(240, container.clientWidth), height })).observe(container);
+    const observer = new ResizeObserver(() => chart.setSize({ width: Math.max(240, container.clientWidth), height }));
+    observer.observe(container);
+    const destroy = chart.destroy.bind(chart);
+    chart.destroy = () => { observer.disconnect(); destroy(); };
     return chart;
   }
 
@@ -419,6 +422,7 @@
     const urls = [];
     let values = [];
     let totalValues = null;
+    let unnamable = [];
     let result;
     try {
       if (calls.top) {
@@ -426,9 +430,9 @@
         const top = await api(calls.top);
         values = top.data.map((r) => r[view.split]);
         totalValues = top.meta.total;
-        if (values.some((v) => String(v).includes(","))) {
-          values = values.filter((v) => !String(v).includes(","));
-        }
+        // filter[...] separates values by commas, so a value holding one cannot be asked for.
+        unnamable = values.filter((v) => String(v).includes(","));
+        values = values.filter((v) => !String(v).includes(","));
       }
       if (calls.top && values.length === 0) {
         result = { data: [], meta: {}, next_cursor: null };
@@ -466,7 +470,8 @@
     chart = lineChart($("chart"), { title: "", labels, xs, columns, height: 320, formatValue: formatNumber });
     renderTable(rows, split ? ["bucket", split, measure.name] : ["bucket", measure.name], measure.name, result);
     const more = result.next_cursor ? ` Only the first ${formatNumber(rows.length)} rows are shown: narrow the range or coarsen the granularity.` : "";
-    showStatus(status, `${formatNumber(rows.length)} rows · ${result.meta.cache} · ${formatNumber(result.meta.query_ms)} ms in Postgres.${more}`);
+    const left = unnamable.length ? ` Left out (a comma cannot be filtered for): ${unnamable.map(dimensionLabel).join("; ")}.` : "";
+    showStatus(status, `${formatNumber(rows.length)} rows · ${result.meta.cache} · ${formatNumber(result.meta.query_ms)} ms in Postgres.${more}${left}`);
   }
 
   function renderUrls(urls) {

@@ -107,7 +107,10 @@ async def test_explore_shows_the_api_numbers_in_chart_and_table(
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     start, end = hour - timedelta(hours=5), hour + timedelta(hours=1)
     now_ms = int(time.time() * 1000)
-    events = oracle.make_events(random.Random(9), 600, now_ms, span_ms=5 * 3_600_000)  # all after `start`
+    rng = random.Random(9)
+    events = oracle.make_events(rng, 600, now_ms, span_ms=5 * 3_600_000)  # all after `start`
+    for event in events[:40]:  # a value filter[...] cannot name (it splits on commas)
+        event["source"] = "web,beta"
     ingest = tally_process("ingest", query_settings, tmp_path).start()
     consumer = tally_process("consume", query_settings, tmp_path).start()
     secured = query_settings.model_copy(update={"auth": True})
@@ -207,6 +210,26 @@ async def test_explore_shows_the_api_numbers_in_chart_and_table(
                     ["Time (UTC)", bucket_text(r["bucket"]).removesuffix(" UTC")],
                     ["sum_properties_amount", shown(r["sum_properties_amount"])],
                 ]
+
+            # Split by source: a missing source is "(none)" (asked for as an empty value); a value
+            # with a comma cannot be asked for, and the status says it was left out.
+            by_source: dict[tuple[datetime, str], int] = defaultdict(int)
+            for (bucket, _type, source), row in oracle.events_by_type(events, "hour").items():
+                by_source[bucket, source] += row["count"]
+            await page.select_option("#measure", "count")
+            await page.select_option("#split", "source")
+            await page.fill("#top", "5")  # all five sources
+            await page.click("#query-form button[type=submit]")
+            await wait_for_series(page, "fields=source,count&order=-count&limit=5&")
+            series = await api_json((await api_urls(page))["Series"], key)
+            assert series["data"] == [
+                {"bucket": b.strftime("%Y-%m-%dT%H:%M:%SZ"), "source": src, "count": n}
+                for (b, src), n in sorted(by_source.items()) if src != "web,beta"
+            ]
+            status = await page.inner_text("#result-status")
+            assert status.endswith(" Left out (a comma cannot be filtered for): web,beta."), status
+            labels = [label for label, _ in await legend_at(page, 0, 2)][1:]
+            assert sorted(labels) == ["(none)", "android", "ios", "web"]
 
             # A range with nothing in it says so; a bad parameter shows the API's problem.
             await page.fill("#from", "2001-01-01T00:00:00Z")
@@ -332,3 +355,36 @@ async def test_ops_view_shows_lag_rising_and_recovering(
             restarted.stop()
         consumer.stop()
         ingest.stop()
+
+
+async def test_the_console_arithmetic(migrated: Settings, browser: Browser) -> None:
+    """The page's pure helpers, run in the browser: number formatting, the chart's pivot and
+    fill rules, and rates from two counter scrapes (restarts and targets that went away)."""
+    async with serve(create_app(migrated)) as url:
+        tab = await open_tab(browser)
+        await tab.page.goto(f"{url}/console/")
+        run = tab.page.evaluate
+        assert await run("() => [0.1, 1234567.891, 12, -5, null, 1e21].map(tallyConsole.formatNumber)") == [
+            "0.1", "1,234,567.891", "12", "-5", "—", "1,000,000,000,000,000,000,000"]
+        assert await run("() => tallyConsole.formatBucket('2026-03-29T00:00:00+01:00')") == "2026-03-29 00:00 +01:00"
+        rows = [{"bucket": "2026-01-01T00:00:00Z", "t": "a", "m": 3},
+                {"bucket": "2026-01-01T01:00:00Z", "t": "b", "m": 4}]
+        pivot = "([rows, merge]) => tallyConsole.pivot(rows, 't', 'm', ['a', 'b'], merge)"
+        for merge, fill in (("sum", 0), ("min", None)):  # no row: nothing counted (0), or no minimum (a gap)
+            assert await run(pivot, [rows, merge]) == {
+                "xs": [1767225600, 1767229200], "keys": ["a", "b"], "columns": [[3, fill], [fill, 4]]}
+        names = ["x_total", "y_total"]
+        before = {"at": 100.0, "names": names, "sources": [
+            {"name": "i1", "up": True, "counters": {"x_total": 50, "y_total": 10}},
+            {"name": "i2", "up": True, "counters": {"x_total": 500, "y_total": 0}},
+            {"name": "c1", "up": True, "counters": {"x_total": 0, "y_total": 7}}]}
+        after = {"at": 102.0, "names": names, "sources": [
+            {"name": "i1", "up": True, "counters": {"x_total": 70, "y_total": 10}},  # +20, +0
+            {"name": "i2", "up": True, "counters": {"x_total": 30, "y_total": 4}},  # restarted: 30 new, 4 new
+            {"name": "c1", "up": False, "counters": {}},  # gone: left out
+            {"name": "new", "up": True, "counters": {"x_total": 1000, "y_total": 1000}}]}  # no earlier sample
+        assert await run("([a, b]) => tallyConsole.rates(a, b)", [before, after]) == {"x_total": 25, "y_total": 2}
+        assert await run("([a, b]) => tallyConsole.rates(a, b)", [None, after]) == {"x_total": None, "y_total": None}
+        assert await run("([a]) => tallyConsole.rates(a, a)", [after]) == {"x_total": None, "y_total": None}
+        assert await run("([a]) => tallyConsole.totals(a)", [after]) == {"x_total": 1100, "y_total": 1014}
+        tab.assert_clean()
