@@ -437,6 +437,18 @@ def test_prometheus_scrapes_every_tally_process(
         assert target.split(":")[0] in ("localhost", "127.0.0.1"), f"{target} is no service of the stack"
 
 
+def test_the_console_reads_every_ingest_and_consumer(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TALLY_METRICS_TARGETS names each ingest and consumer replica's /metrics, by its service name."""
+    expected = set()
+    for name in INGEST | CONSUMERS:
+        port = getattr(settings_of(services[name], monkeypatch), ROLE_PORT_FIELD[role(services[name]) or ""])
+        expected.add((name, f"http://{name}:{port}/metrics"))
+    for name in QUERY:
+        assert set(settings_of(services[name], monkeypatch).metrics_target_urls) == expected, name
+
+
 def test_stop_grace_outlasts_the_drain(services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     """Docker's SIGKILL after stop_grace_period must come after Tally's drain and grace (and a flush)."""
     for name in TALLY_LONG_RUNNING:
