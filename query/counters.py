@@ -43,6 +43,7 @@ def sum_counters(text: str, names: Sequence[str] = COUNTERS) -> dict[str, float]
 class CounterScraper:
     def __init__(self, targets: Sequence[tuple[str, str]], *, timeout: float = SCRAPE_TIMEOUT_SECONDS) -> None:
         self.targets = tuple(targets)
+        self.timeout = timeout
         self._http = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
 
     async def scrape(self) -> ServiceCounters:
@@ -52,7 +53,8 @@ class CounterScraper:
 
     async def _one(self, name: str, url: str) -> CounterSource:
         try:
-            async with self._http.stream("GET", url) as response:
+            # httpx's timeout bounds each read; this bounds the whole page (a trickling target).
+            async with asyncio.timeout(self.timeout), self._http.stream("GET", url) as response:
                 if response.status_code != 200:
                     return CounterSource(name=name, up=False, error=f"HTTP {response.status_code}")
                 body = bytearray()
@@ -60,7 +62,7 @@ class CounterScraper:
                     body += chunk
                     if len(body) > MAX_SCRAPE_BYTES:
                         return CounterSource(name=name, up=False, error="metrics page too large")
-        except httpx.TimeoutException:
+        except (TimeoutError, httpx.TimeoutException):
             return CounterSource(name=name, up=False, error="timed out")
         except httpx.HTTPError as exc:
             return CounterSource(name=name, up=False, error=type(exc).__name__)

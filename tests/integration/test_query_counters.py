@@ -1,7 +1,8 @@
 """`GET /v1/ops/counters`: the console's rates, read over HTTP from real /metrics pages.
 
 Targets here are a small Starlette app under uvicorn (a healthy page, a 500, a page that is
-not Prometheus text, one that answers too late) and a port nobody listens on, beside a real
+not Prometheus text, one that answers too late, one that sends its page a line at a time for
+longer than the deadline) and a port nobody listens on, beside a real
 `tally ingest` process's own /metrics: each is reported for what it is, and none delays the rest.
 """
 
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from core import devstack
@@ -58,13 +60,22 @@ async def slow(request: Request) -> PlainTextResponse:
     return PlainTextResponse(PAGE)
 
 
+async def trickle(request: Request) -> StreamingResponse:
+    async def lines() -> AsyncIterator[bytes]:  # each read is quick; the whole page is not
+        for line in PAGE.encode().splitlines(keepends=True):
+            yield line
+            await asyncio.sleep(0.3)
+
+    return StreamingResponse(lines(), media_type="text/plain")
+
+
 async def scrape(settings: Settings, targets: str, ingest: str, closed: int) -> tuple[httpx.Response, float]:
     async with httpx.AsyncClient(base_url=ingest) as http:  # one accepted and one rejected event
         r = await http.post("/v1/events", json={"events": [{"type": "purchase"}, {"type": "bad type"}]})
         assert r.status_code == 202 and r.json()["accepted"] == 1
     spec = ",".join([
         f"fake={targets}/good", f"ingest={ingest}/metrics", f"{targets}/broken", f"garbage={targets}/garbage",
-        f"slow={targets}/slow", f"gone=http://127.0.0.1:{closed}/metrics",
+        f"slow={targets}/slow", f"trickle={targets}/trickle", f"gone=http://127.0.0.1:{closed}/metrics",
     ])
     async with query_api(settings.model_copy(update={"metrics_targets": spec})) as http:
         started = time.monotonic()
@@ -73,7 +84,7 @@ async def scrape(settings: Settings, targets: str, ingest: str, closed: int) -> 
 
 
 TARGETS = Starlette(routes=[Route("/good", good), Route("/broken", broken), Route("/garbage", garbage),
-                            Route("/slow", slow)])
+                            Route("/slow", slow), Route("/trickle", trickle)])
 
 
 async def test_counters_are_summed_per_target_and_failures_named(migrated: Settings, tmp_path: Path) -> None:
@@ -98,6 +109,7 @@ async def test_counters_are_summed_per_target_and_failures_named(migrated: Setti
         {"name": "target-3", "up": False, "error": "HTTP 500", "counters": {}},
         {"name": "garbage", "up": False, "error": "not Prometheus text", "counters": {}},
         {"name": "slow", "up": False, "error": "timed out", "counters": {}},
+        {"name": "trickle", "up": False, "error": "timed out", "counters": {}},
         {"name": "gone", "up": False, "error": "ConnectError", "counters": {}},
     ]
     assert took < 3.0  # scraped in parallel, each within 1 s: the slow one is not waited for
