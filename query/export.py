@@ -6,6 +6,9 @@ in chunks and written as they arrive, so memory stays at one chunk whatever the
 size, and a slow reader slows the fetch instead of filling a buffer. Each export
 holds a database connection for its whole transfer, so at most
 TALLY_MAX_EXPORTS run at once per process; beyond that, a fast 503 with Retry-After.
+A transfer may take as long as its reader does, but each step on the database (the
+total, the query, each chunk) gets the query deadline: a frozen Postgres ends the
+export (a 503 before the first row, a cut-off body after it) and frees its slot.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from query.cursor import Value
 from query.params import RollupQuery
 from query.planner import count_plan, plan
 from query.render import csv_header, csv_rows
-from query.service import database_errors
+from query.service import bounded_connection, connect_within, cut_after, database_errors
 
 CHUNK_ROWS = 2_000
 
@@ -53,15 +56,22 @@ class Export:
 
 
 async def open_export(
-    engine: ReadEngine, gate: ExportGate, rollup: Rollup, q: RollupQuery, after: Sequence[Value] | None
+    engine: ReadEngine,
+    gate: ExportGate,
+    rollup: Rollup,
+    q: RollupQuery,
+    after: Sequence[Value] | None,
+    *,
+    deadline: float,
 ) -> Export:
     """The export, already started: the query has run (or failed as a 503) and the first
-    chunk is ready before the response is committed to a 200."""
+    chunk is ready before the response is committed to a 200. Each step on the database
+    must be done within `deadline` seconds."""
     total = None
     if q.total:
-        async with database_errors(engine), engine.connect() as conn:
+        async with database_errors(engine), bounded_connection(engine, deadline) as conn:
             total = int((await conn.execute(count_plan(rollup.spec, rollup.table, q))).one()[0])
-    chunks = _chunks(engine, gate, rollup, q, after)
+    chunks = _chunks(engine, gate, rollup, q, after, deadline)
     first = await anext(chunks)
 
     async def body() -> AsyncIterator[bytes]:
@@ -76,20 +86,34 @@ async def open_export(
 
 
 async def _chunks(
-    engine: ReadEngine, gate: ExportGate, rollup: Rollup, q: RollupQuery, after: Sequence[Value] | None
+    engine: ReadEngine,
+    gate: ExportGate,
+    rollup: Rollup,
+    q: RollupQuery,
+    after: Sequence[Value] | None,
+    deadline: float,
 ) -> AsyncGenerator[bytes, None]:
     gate.enter()
     try:
         metrics.query_computations.labels(q.rollup, "export").inc()
-        async with database_errors(engine), engine.connect() as conn:
-            result = await conn.stream(plan(rollup.spec, rollup.table, q, after))
-            head = csv_header(q)
-            while chunk := await result.fetchmany(CHUNK_ROWS):
-                rows = [tuple(r)[:-1] for r in chunk]  # each row ends with its stored-row count
-                metrics.query_rows.labels(q.rollup).inc(len(rows))
-                yield head + csv_rows(q, rows)
-                head = b""
-            if head:
-                yield head  # no rows: the header alone
+        async with database_errors(engine):
+            conn, driver = await connect_within(engine, deadline)
+            try:
+                with cut_after(driver, deadline):
+                    result = await conn.stream(plan(rollup.spec, rollup.table, q, after))
+                head = csv_header(q)
+                while True:
+                    with cut_after(driver, deadline):  # each chunk, not the whole transfer
+                        chunk = await result.fetchmany(CHUNK_ROWS)
+                    if not chunk:
+                        break
+                    rows = [tuple(r)[:-1] for r in chunk]  # each row ends with its stored-row count
+                    metrics.query_rows.labels(q.rollup).inc(len(rows))
+                    yield head + csv_rows(q, rows)
+                    head = b""
+                if head:
+                    yield head  # no rows: the header alone
+            finally:
+                await conn.close()  # back to the pool, or dropped once cut
     finally:
         gate.leave()

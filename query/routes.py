@@ -193,16 +193,16 @@ async def query_rollup(
     if q.cursor is not None:
         position = decode(q.cursor, q.fingerprint(), order_kinds(rollup.spec, q.order), settings.cursor_secret)
         q, after = q.with_range(position.range), position.values
+    # The server enforces the statement timeout; this bounds the wait when it cannot (frozen, partitioned).
+    deadline = settings.statement_timeout_ms / 1000 + DEADLINE_MARGIN_SECONDS
     if q.export:
-        export = await open_export(st["engine"], st["exports"], rollup, q, after)
+        export = await open_export(st["engine"], st["exports"], rollup, q, after, deadline=deadline)
         metrics.cache_outcomes.labels("stream").inc()
         metrics.query_seconds.labels(q.rollup, "stream").observe(time.perf_counter() - started)
         headers = {"X-Cache": "stream", **_attachment(q.rollup)}
         if export.total is not None:
             headers["X-Total-Count"] = str(export.total)
         return StreamingResponse(export.body, media_type=MEDIA_TYPES["csv"], headers=headers)
-    # The server enforces the statement timeout; this bounds the wait when it cannot (frozen, partitioned).
-    deadline = settings.statement_timeout_ms / 1000 + DEADLINE_MARGIN_SECONDS
     ttl = ttl_for(
         q.range.end,
         now,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -65,38 +65,59 @@ async def database_errors(engine: ReadEngine) -> AsyncIterator[None]:
         metrics.db_pool_in_use.labels("query").set(engine.pool.checkedout())  # type: ignore[attr-defined]
 
 
-@contextlib.asynccontextmanager
-async def bounded_connection(engine: ReadEngine, seconds: float) -> AsyncIterator[AsyncConnection]:
-    """A connection whose work must be over within `seconds`, or a 503.
+def _too_late(seconds: float) -> Unavailable:
+    return Unavailable(f"the database did not answer within {seconds:g} s", retry_after=1)
+
+
+@contextlib.contextmanager
+def cut_at(driver: Any, deadline: float, seconds: float) -> Iterator[None]:
+    """Close the connection's socket at `deadline` (loop time) if the work in the block is still
+    under way: the step in flight fails at once, the pool drops the connection, and the failure
+    is a 503 that says how long the database was given.
 
     statement_timeout is enforced by the server, so a server that is frozen or cut off by a
     partition never enforces it, and a query on a pooled connection would wait for ever (the
-    kernel keeps the idle TCP connection open). At the deadline the driver's socket is closed:
-    the query in flight fails at once and the pool drops the connection. (Cancelling the query
-    instead would make SQLAlchemy say goodbye to the silent server first, for 2 s more.)
+    kernel keeps the idle TCP connection open). Cancelling the query instead would make
+    SQLAlchemy say goodbye to the silent server first, for 2 s more.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    too_late = Unavailable(f"the database did not answer within {seconds:g} s", retry_after=1)
+    cut = loop.call_at(deadline, driver.terminate)  # asyncpg: closes the socket
+    try:
+        yield
+    except Exception as exc:
+        if loop.time() >= deadline:
+            raise _too_late(seconds) from exc
+        raise
+    finally:
+        cut.cancel()
+
+
+def cut_after(driver: Any, seconds: float) -> contextlib.AbstractContextManager[None]:
+    """`cut_at` `seconds` from now: for one step of a longer piece of work."""
+    return cut_at(driver, asyncio.get_running_loop().time() + seconds, seconds)
+
+
+async def connect_within(engine: ReadEngine, seconds: float) -> tuple[AsyncConnection, Any]:
+    """A connection checked out (or connected) within `seconds`, or a 503; and its driver."""
     conn = engine.connect()
     try:
-        async with asyncio.timeout_at(deadline):  # checking out or connecting
+        async with asyncio.timeout(seconds):
             await conn.start()
     except TimeoutError as exc:
-        raise too_late from exc
-    driver = (await conn.get_raw_connection()).driver_connection
-    cut = loop.call_at(deadline, driver.terminate)  # type: ignore[union-attr]  # asyncpg: closes the socket
-    try:
+        raise _too_late(seconds) from exc
+    return conn, (await conn.get_raw_connection()).driver_connection
+
+
+@contextlib.asynccontextmanager
+async def bounded_connection(engine: ReadEngine, seconds: float) -> AsyncIterator[AsyncConnection]:
+    """A connection whose work, checkout included, must be over within `seconds`, or a 503 (`cut_at`)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    conn, driver = await connect_within(engine, seconds)
+    with cut_at(driver, deadline, seconds):
         try:
             yield conn
         finally:
             await conn.close()  # back to the pool (a rollback), or dropped once cut
-    except Exception as exc:
-        if loop.time() >= deadline:
-            raise too_late from exc
-        raise
-    finally:
-        cut.cancel()
 
 
 async def run_query(

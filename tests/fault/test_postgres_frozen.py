@@ -13,6 +13,10 @@ What must hold, with a 1 s statement timeout: while frozen, every uncached query
 other, and a concurrent burst that needs new connections) answers 503 within BOUND seconds;
 after the thaw the API answers 200 with exact totals again within RECOVERY_BOUND seconds.
 
+A streamed CSV export frozen mid-transfer: its body is cut off within the deadline of the chunk
+it was fetching, and its slot is free for the next export. Before the fix this test came with, it
+waited for ever, holding one of TALLY_MAX_EXPORTS.
+
 Then Postgres gets SIGTERM (a smart shutdown) while the test holds one session open: for as long
 as that session lives, every new session is refused with 57P03 ("the database system is shutting
 down", as also in the moments of any restart). SQLAlchemy raises it as a plain DBAPIError, which
@@ -26,6 +30,7 @@ import asyncio
 import json
 import signal
 import time
+from datetime import datetime
 from decimal import Decimal
 
 import asyncpg
@@ -133,3 +138,53 @@ async def refusing(url: str, timeout: float = 10.0) -> str:
         await conn.close()
         assert time.monotonic() < deadline, "Postgres still accepts sessions after SIGTERM"
         await asyncio.sleep(0.05)
+
+
+async def test_a_streamed_export_ends_when_postgres_freezes_mid_transfer(
+    settings: Settings, private_postgres: devstack.EmbeddedServer
+) -> None:
+    """An export may take as long as its reader, but each step on the database gets the deadline:
+    frozen mid-transfer, the body is cut off within the deadline (plus slack) and the export's slot
+    is free again (one slot: a held one would refuse the next export as "already running")."""
+    # The first rows of ~790k need the whole grouping (a few hundred ms; seconds on a loaded machine).
+    timeout_ms = 4 * STATEMENT_TIMEOUT_MS
+    bound = timeout_ms / 1000 + DEADLINE_MARGIN_SECONDS + 1.5
+    config = settings.model_copy(update={
+        "postgres_url": private_postgres.url, "statement_timeout_ms": timeout_ms, "max_exports": 1})
+    await migrate(config)
+    conn = await asyncpg.connect(private_postgres.url)
+    try:  # every minute of WHOLE x 3 types x 3 sources: ~27 MB of CSV, more than the socket buffers hold
+        rows = await conn.fetchval(
+            "WITH i AS (INSERT INTO agg_events_by_type (bucket, type, source, count)"
+            " SELECT b, t, s, 1 FROM generate_series($1::timestamptz, $2::timestamptz - interval '1 minute',"
+            " interval '1 minute') b, unnest(ARRAY['buy', 'click', 'view']) t, unnest(ARRAY['', 'ios', 'web']) s"
+            " RETURNING 1) SELECT count(*) FROM i",
+            datetime.fromisoformat(WHOLE["from"]), datetime.fromisoformat(WHOLE["to"]))
+    finally:
+        await conn.close()
+    export = {**WHOLE, "granularity": "minute", "fields": "bucket,type,source,count", "format": "csv",
+              "limit": "1000000"}
+    async with serve(query_app(config)) as url, httpx.AsyncClient(base_url=url, timeout=30) as query:
+        lines = 0
+        async with query.stream("GET", ROLLUP, params=export) as response:
+            assert response.status_code == 200 and response.headers["x-cache"] == "stream", await response.aread()
+            chunks = response.aiter_raw()
+            lines += (await anext(chunks)).count(b"\n")
+            signal_all(private_postgres, signal.SIGSTOP)
+            try:
+                frozen = time.monotonic()
+                with pytest.raises(httpx.RemoteProtocolError):  # the server closed the unfinished body
+                    async for chunk in chunks:
+                        lines += chunk.count(b"\n")
+                cut = time.monotonic() - frozen
+                during = await probe(query, ROLLUP, params=export)  # the slot is free: the database is not
+            finally:
+                signal_all(private_postgres, signal.SIGCONT)
+        after = await probe(query, ROLLUP, params={**export, "limit": "20000"})
+    print(f"export cut {cut:.2f} s after the freeze, after {lines - 1} of {rows} rows; "
+          f"the next export while frozen: {during.status} in {during.elapsed:.2f} s")
+    assert cut < bound, cut
+    assert 1 < lines < rows + 1
+    assert_problem_503([during], bound)
+    assert "already running" not in json.loads(during.body)["detail"], during  # the slot was given back
+    assert after.status == 200 and after.body.count(b"\n") == 20_001  # header + rows, after the thaw
