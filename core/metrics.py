@@ -38,6 +38,10 @@ produce_latency = Histogram(
 )
 records_produced = Counter("tally_kafka_records_produced_total", "Envelope records acknowledged")
 idempotent_replays = Counter("tally_ingest_idempotent_replays_total", "Answers replayed for a repeated Idempotency-Key")
+idempotency_store_failures = Counter(
+    "tally_ingest_idempotency_store_failures_total",
+    "Answers to keyed batches that could not be stored in Redis after the write (a retry may write again)",
+)
 rate_limited_events = Counter("tally_ingest_rate_limited_events_total", "Events refused by per-key rate limits")
 rate_limit_unavailable = Counter(
     "tally_ingest_rate_limit_unavailable_total", "Batches let through because the rate limiter's Redis was unreachable"

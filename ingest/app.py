@@ -35,6 +35,9 @@ def create_app(settings: Settings) -> FastAPI:
             breaker_seconds=settings.kafka_breaker_seconds,
         )
         redis = redis_client(str(settings.redis_url))
+        # Idempotency has a pool of its own: a burst of rate-limit calls must not make the answer
+        # of a batch already in Kafka wait past the pool's timeout and go unstored.
+        idempotency_redis = redis_client(str(settings.redis_url))
         keys = open_key_store(settings, app="tally-ingest")  # None when auth is off
         writer.start()  # in the background: ingest serves (and refuses with 503) while Kafka is down
         app.state.writer = writer
@@ -45,7 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "keys": keys,
                 "writer": writer,
                 "idempotency": IdempotencyStore(
-                    redis,
+                    idempotency_redis,
                     settings.cache_prefix,
                     ttl_seconds=settings.idempotency_ttl_seconds,
                     lock_seconds=settings.idempotency_lock_seconds,
@@ -62,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.draining = True
             await writer.stop()  # flushes what is pending
             await redis.aclose()
+            await idempotency_redis.aclose()
             if keys is not None:
                 await keys.close()
 

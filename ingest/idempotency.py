@@ -9,12 +9,19 @@ that the client should retry (429, 503) is not stored: the claim is released.
 
 If Redis cannot be reached, a request with a key is refused with 503 rather than
 accepted without the guarantee it asked for; requests without a key are unaffected.
+Once the events are in Kafka, storing the answer is retried for up to STORE_SECONDS:
+an answer that is never stored leaves the claim to expire, and a retry after that
+writes the batch again (counted once only with TALLY_DEDUP).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import itertools
+import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +30,13 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core import metrics
 from core.problems import BadRequest, TallyError, Unavailable, Unprocessable
 
+log = logging.getLogger(__name__)
 STORED_STATUSES = frozenset({202, 422})
+STORE_SECONDS = 2.0  # how long a 202 may wait for its answer to be kept, through a Redis blip
+STORE_BACKOFF = (0.05, 0.1, 0.2, 0.4)  # then 0.4 s between tries
 _NAMESPACE = uuid.UUID("6d1c1f2e-3b0a-4f55-9a3e-7a11e5e7a11e")
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -108,21 +119,26 @@ class IdempotencyStore:
 
     async def complete(self, claim: Claim, status: int, body: bytes) -> None:
         """Keep the final answer, or release the claim when the client should retry."""
-        try:
-            if status in STORED_STATUSES:
-                record = {
-                    "state": "done",
-                    "fp": claim.fingerprint,
-                    "status": status,
-                    "body": base64.b64encode(body).decode(),
-                }
-                await self._redis.set(claim.redis_key, orjson.dumps(record), ex=self._ttl)
-            else:
-                await self.release(claim)
-        except RedisError:
-            # The events are in Kafka; a retry with this key may write them again, and
-            # the derived event ids let de-duplication catch it.
+        if status not in STORED_STATUSES:
+            await self.release(claim)
             return
+        record = orjson.dumps(
+            {"state": "done", "fp": claim.fingerprint, "status": status, "body": base64.b64encode(body).decode()}
+        )
+        give_up = time.monotonic() + STORE_SECONDS
+        for attempt in itertools.count():
+            try:
+                await self._redis.set(claim.redis_key, record, ex=self._ttl)
+                return
+            except RedisError as exc:
+                pause = STORE_BACKOFF[min(attempt, len(STORE_BACKOFF) - 1)]
+                if time.monotonic() + pause >= give_up:
+                    # The events are in Kafka; a retry with this key after the claim expires
+                    # writes them again, and the derived event ids let de-duplication catch it.
+                    metrics.idempotency_store_failures.inc()
+                    log.warning("the answer for an Idempotency-Key could not be stored (%s)", type(exc).__name__)
+                    return
+                await asyncio.sleep(pause)
 
     async def release(self, claim: Claim) -> None:
         try:
