@@ -71,7 +71,8 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, service: str, *, pages: Pages = ()) -> None:
         self.app = app
         self.service = service
-        self.pages = (*DOCS_PAGES, *pages)
+        # (path, path + "/", headers), built once: this runs on every request.
+        self._pages = tuple((path, path + "/", headers) for path, headers in (*DOCS_PAGES, *pages))
         self._in_progress = metrics.http_in_progress.labels(service)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -120,8 +121,8 @@ class MetricsMiddleware:
             metrics.http_latency.labels(self.service, template).observe(time.perf_counter() - start)
 
     def _security_headers(self, path: str) -> Headers:
-        for prefix, headers in self.pages:
-            if path == prefix or path.startswith(prefix + "/"):
+        for page, below, headers in self._pages:
+            if path == page or path.startswith(below):
                 return headers
         return API_HEADERS
 
