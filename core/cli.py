@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from core import logs
+from core import devenv, logs
 from core.settings import Settings, SettingsError, get_settings
 
 # core.auth.SCOPES, spelled out: importing core.auth here would load core.metrics before
@@ -180,6 +180,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         overrides |= {
             k: v for k, v in (("log_format", "text"), ("drain_seconds", 0.0)) if f"TALLY_{k.upper()}" not in os.environ
         }
+    else:  # beside a running `tally dev`, act on its stack unless told otherwise (core.devenv)
+        found, dev_env = devenv.discover(os.environ)
+        if dev_env is not None:
+            overrides |= found
+            print(f"tally: using the `tally dev` stack (pid {dev_env.pid}): {dev_env.summary()}", file=sys.stderr)
     try:
         settings = get_settings(**overrides)
     except Exception as exc:  # pydantic's ValidationError names the bad variable

@@ -2,7 +2,10 @@
 
 Starts an embedded server for each of Kafka, Postgres and Redis that has no URL
 configured, migrates, then runs ingest, query and one consumer as child
-processes and stops everything on Ctrl-C or SIGTERM.
+processes. A child that exits is started again with backoff (a crash, a kill -9,
+the consumer fenced by a `tally migrate`), so the stack outlives what a person
+tries on it; Ctrl-C or SIGTERM stops everything. While it runs, `.tally/env`
+tells the other `tally` commands where its servers are (core.devenv).
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import text
 
-from core import devstack
+from core import devenv, devstack
 from core.db import write_engine
 from core.migrate import migrate
 from core.settings import Settings
@@ -70,36 +77,113 @@ def spawn(command: str, settings: Settings) -> subprocess.Popen[bytes]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """How `tally dev` restarts a child that exited: after `first` seconds, doubling to `longest`;
+    a child that ran `healthy` seconds starts again from `first`."""
+
+    first: float = 0.5
+    longest: float = 30.0
+    healthy: float = 30.0
+
+    def delay(self, failures: int) -> float:
+        return float(min(self.longest, self.first * 2 ** max(0, failures - 1)))
+
+
+STALE_ROLLUPS = 3  # `tally consume`'s exit status when `tally migrate` registered other rollups
+# Which children read the rollups file at start: after a `tally migrate`, they must start again.
+READS_ROLLUPS = ("query", "consume")
+
+
+def exit_reason(name: str, code: int) -> str:
+    """Why a child stopped, in words, and what the supervisor does about it."""
+    if name == "consume" and code == STALE_ROLLUPS:
+        return (
+            f"{name} exited with {code}: its rollups file differs from the one `tally migrate` registered; "
+            f"restarting {' and '.join(READS_ROLLUPS)} with the current file (run `tally migrate` if you changed it)"
+        )
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+    return f"{name} {how}; restarting it"
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    started: float
+    failures: int = 0
+    restart_at: float | None = None  # set while it waits to be started again
+    stopped_for: str | None = None  # set when the supervisor itself stopped it, and why
+
+
 async def run_dev(settings: Settings, *, demo: bool, demo_rate: int) -> None:
     settings, servers = start_embedded(settings)
-    children: dict[str, subprocess.Popen[bytes]] = {}
+    children: dict[str, Child] = {}
+    dev_dir = settings.dev_dir.resolve()
     try:
         await migrate(settings)
         if any(s.name == "kafka" for s in servers):
             await forget_offsets(settings)
         for name in ("ingest", "query", "consume"):
-            children[name] = spawn(name, settings)
+            children[name] = Child(name, spawn(name, settings), time.monotonic())
         for port in (settings.ingest_port, settings.query_port, settings.consumer_metrics_port):
             await asyncio.to_thread(devstack.wait_for_port, port, 60.0)
-        _banner(settings)
+        env = devenv.DevEnv(os.getpid(), _shared(settings))
+        devenv.write(dev_dir, env)
+        _banner(settings, env)
         await _supervise(settings, children, demo=demo, demo_rate=demo_rate)
     finally:
-        for proc in children.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in children.values():
+        devenv.remove(dev_dir, os.getpid())
+        for child in children.values():
+            if child.process.poll() is None:
+                child.process.terminate()
+        for child in children.values():
             try:
-                proc.wait(15)
+                child.process.wait(15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                child.process.kill()
         for server in reversed(servers):
             server.stop()
         log.info("stopped")
 
 
+def _shared(settings: Settings) -> dict[str, str]:
+    values = {name: getattr(settings, name) for name in devenv.SHARED}
+    values["rollups_file"] = Path(values["rollups_file"]).resolve()
+    return {name: str(value) for name, value in values.items() if value is not None}
+
+
+def _restart_due(children: dict[str, Child], policy: RestartPolicy, now: float) -> None:
+    """Note every child that exited, and when it starts again; say why, once."""
+    for child in children.values():
+        code = child.process.poll()
+        if code is None or child.restart_at is not None:
+            continue
+        if child.stopped_for is not None:  # not a failure: start it again at once
+            log.warning("%s stopped %s (pid %d)", child.name, child.stopped_for, child.process.pid)
+            child.restart_at, child.stopped_for = now, None
+            continue
+        child.failures = 1 if now - child.started >= policy.healthy else child.failures + 1
+        log.warning("%s (pid %d)", exit_reason(child.name, code), child.process.pid)
+        child.restart_at = now + policy.delay(child.failures)
+        if child.name == "consume" and code == STALE_ROLLUPS:
+            for name in READS_ROLLUPS:  # the query service must serve the new rollups too
+                other = children.get(name)
+                if other is not None and other is not child and other.process.poll() is None:
+                    other.stopped_for = "to load the new rollups"
+                    other.process.terminate()
+
+
 async def _supervise(
-    settings: Settings, children: dict[str, subprocess.Popen[bytes]], *, demo: bool, demo_rate: int
+    settings: Settings,
+    children: dict[str, Child],
+    *,
+    demo: bool,
+    demo_rate: int,
+    policy: RestartPolicy = RestartPolicy(),
 ) -> None:
+    """Keep every child running until Ctrl-C or SIGTERM: one that exits (a crash, a kill -9, the
+    consumer's exit 3 after `tally migrate`) is started again with backoff, the rest keep serving."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -111,12 +195,15 @@ async def _supervise(
         demo_task = asyncio.create_task(run_demo(_url(settings, settings.ingest_port), events_per_second=demo_rate))
     try:
         while not stop.is_set():
-            for name, proc in children.items():
-                if proc.poll() is not None:
-                    log.error("%s exited with %s; stopping the stack", name, proc.returncode)
-                    return
+            now = time.monotonic()
+            _restart_due(children, policy, now)
+            for child in children.values():
+                if child.restart_at is not None and child.process.poll() is not None and now >= child.restart_at:
+                    child.process = spawn(child.name, settings)
+                    child.started, child.restart_at = now, None
+                    log.warning("%s started again (pid %d)", child.name, child.process.pid)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+                await asyncio.wait_for(stop.wait(), 0.2)
     finally:
         if demo_task:
             demo_task.cancel()
@@ -134,7 +221,7 @@ def _auth_line(settings: Settings) -> str:
     return "off in `tally dev`; `tally ingest` and `tally query` require API keys (`tally keys create`)"
 
 
-def _banner(settings: Settings) -> None:
+def _banner(settings: Settings, env: devenv.DevEnv) -> None:
     ingest, query = _url(settings, settings.ingest_port), _url(settings, settings.query_port)
     print(
         f"""
@@ -145,6 +232,9 @@ Tally is running (Ctrl-C stops everything)
   lag      {query}/v1/ops/lag
   metrics  {ingest}/metrics  {query}/metrics  http://{settings.bind_host}:{settings.consumer_metrics_port}/metrics
   auth     {_auth_line(settings)}
+  servers  {env.export_line()}
+           (`tally keys`, `tally dlq`, `tally backfill`... in this directory find them in
+           {devenv.path(settings.dev_dir)} by themselves; other tools: `source {devenv.path(settings.dev_dir)}`)
 
   curl -s -XPOST {ingest}/v1/events -H 'content-type: application/json' \\
        -d '{{"events":[{{"type":"purchase","source":"web","properties":{{"amount":9.99}}}}]}}'
