@@ -24,7 +24,7 @@ import orjson
 from starlette.requests import ClientDisconnect
 
 from core.problems import BadRequest, PayloadTooLarge, TallyError, UnsupportedMediaType
-from schemas.events import MAX_SAFE_NUMBER, parse_sent_at
+from schemas.events import KNOWN_FIELDS, MAX_SAFE_NUMBER, parse_sent_at
 
 JSON_TYPES = frozenset({"application/json", ""})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
@@ -220,6 +220,15 @@ def _refuse_big_integers(batch: ParsedBatch, text: bytes, first: int, count: int
             batch.refuse(index, BIG_INTEGER, "properties")
 
 
+def _unknown_top_level(doc: dict[str, Any], unknown: set[str]) -> str:
+    """The 400's detail; a body without "events" whose unknown fields are event fields is one bare
+    event, so it is told how to wrap it."""
+    detail = f"unknown top-level field(s): {', '.join(sorted(unknown)[:5])}"
+    if "events" not in doc and unknown & KNOWN_FIELDS:
+        detail += '; to send one event, wrap it in [...] or {"events": [...]}'
+    return detail
+
+
 def _parse_json(body: bytes) -> ParsedBatch:
     try:
         doc = orjson.loads(body)
@@ -230,7 +239,7 @@ def _parse_json(body: bytes) -> ParsedBatch:
     elif isinstance(doc, dict):
         unknown = doc.keys() - {"events", "sent_at"}
         if unknown:
-            raise BadRequest(f"unknown top-level field(s): {', '.join(sorted(unknown)[:5])}")
+            raise BadRequest(_unknown_top_level(doc, unknown))
         events = doc.get("events")
         if not isinstance(events, list):
             raise BadRequest('body must be {"events": [...]}, a JSON array of events, or NDJSON')

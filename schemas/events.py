@@ -11,7 +11,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -170,6 +170,45 @@ def parse_sent_at(value: Any) -> int:
         raise ValueError(str(exc).replace("ts", "sent_at", 1)) from None
 
 
+# The datetime range (years 1..9999): an instant outside it has no RFC 3339 form.
+_MIN_INSTANT_MS = -62_135_596_800_000
+_MAX_INSTANT_MS = 253_402_300_799_999
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _instant(ms: int) -> str:
+    """Epoch ms as an RFC 3339 UTC instant (milliseconds shown only when not zero)."""
+    if ms < _MIN_INSTANT_MS:
+        return "before year 1"
+    if ms > _MAX_INSTANT_MS:
+        return "after year 9999"
+    text = (_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds")
+    return text.removesuffix("+00:00").removesuffix(".000") + "Z"
+
+
+def _outside_window(ts: Any, ts_ms: int, received_at_ms: int, limits: EventLimits, skew_ms: int) -> InvalidEvent:
+    """The refusal of a `ts` (as judged, `ts_ms`) outside [received - lateness, received + future].
+
+    It shows the event's time and the window's edge as RFC 3339 instants. A late integer `ts`
+    that would be inside the window read as epoch *seconds* (ts * 1000 ms, with the same
+    sent_at correction) gets a hint: such a value is a date in January 1970 as milliseconds.
+    """
+    start, end = received_at_ms - limits.lateness_ms, received_at_ms + limits.future_ms
+    shown = repr(ts[:64]) if isinstance(ts, str) else str(ts)
+    corrected = " after the sent_at correction" if skew_ms else ""
+    if ts_ms > end:
+        future = f"more than {limits.future_ms // 1000} s in the future (the window ends {_instant(end)})"
+        return InvalidEvent(f"ts {shown} is {_instant(ts_ms)}{corrected}, {future}", "ts_future")
+    late = f"older than the lateness window ({limits.lateness_ms // 1000} s, starts {_instant(start)})"
+    if isinstance(ts, int) and start <= ts * 1000 + skew_ms <= end:
+        return InvalidEvent(
+            f"ts {shown} is {_instant(ts_ms)} as epoch milliseconds{corrected}, {late}: did you send seconds?"
+            " ts takes epoch milliseconds or RFC 3339",
+            "ts_late",
+        )
+    return InvalidEvent(f"ts {shown} is {_instant(ts_ms)}{corrected}, {late}", "ts_late")
+
+
 def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits, skew_ms: int = 0) -> bytes:
     """Validate one raw event and return its normalized JSON, or raise InvalidEvent.
 
@@ -199,10 +238,8 @@ def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits, skew_ms:
 
     ts = raw.get("ts")
     ts_ms = received_at_ms if ts is None else _parse_ts(ts) + skew_ms
-    if ts_ms < received_at_ms - limits.lateness_ms:
-        raise InvalidEvent(f"ts is older than the lateness window ({limits.lateness_ms // 1000} s)", "ts_late")
-    if ts_ms > received_at_ms + limits.future_ms:
-        raise InvalidEvent(f"ts is more than {limits.future_ms // 1000} s in the future", "ts_future")
+    if ts_ms < received_at_ms - limits.lateness_ms or ts_ms > received_at_ms + limits.future_ms:
+        raise _outside_window(ts, ts_ms, received_at_ms, limits, skew_ms)
     event["ts"] = ts_ms
     event["received_at"] = received_at_ms
 
