@@ -21,9 +21,8 @@ from functools import cache
 from zoneinfo import ZoneInfo, available_timezones
 
 from core.problems import BadRequest
+from schemas.reltime import relative_seconds
 
-_RELATIVE = re.compile(r"^([+-])(\d{1,9})([smhdw])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # A `+` in a query string decodes to a space unless the client percent-encodes it.
 _SPACED_OFFSET = re.compile(r" (\d{2}(?::?\d{2})?)$")
@@ -73,11 +72,9 @@ def parse_time(name: str, value: str, zone: tzinfo = UTC) -> TimeExpr:
     if text == "now":
         return TimeExpr()
     for candidate in (value, _restore_plus(value)):
-        match = _RELATIVE.match(candidate)
-        if match:
-            sign, amount, unit = match.groups()
-            seconds = int(amount) * _UNIT_SECONDS[unit]
-            return TimeExpr(offset_seconds=-seconds if sign == "-" else seconds)
+        seconds = relative_seconds(candidate)
+        if seconds is not None:
+            return TimeExpr(offset_seconds=seconds)
     if _DATE_ONLY.match(text):
         try:
             return TimeExpr(localize(datetime.fromisoformat(text), zone).astimezone(UTC))
