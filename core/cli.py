@@ -1,21 +1,44 @@
 """The `tally` command. Services are named by module path, not imported, so `core`
-keeps to the import rule and each service can be installed and run alone."""
+keeps to the import rule and each service can be installed and run alone.
+
+Every command fails the same way: one line on stderr, `tally <command>: <reason>`, the
+reason saying what is wrong and what to do (`explain`), with an exit status from the
+table in README's Commands. Operator commands (all but the services) run under
+`run_bounded` and give every SQL statement a deadline: no server can hold them for ever.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import importlib
+import logging
 import os
-import re
+import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from core import devenv, logs
-from core.settings import Settings, SettingsError, get_settings
+from core.db import exception_chain
+from core.settings import Settings, get_settings
+from schemas.reltime import SPELLING, relative_seconds
+from schemas.rollups import RollupSpecError
+
+log = logging.getLogger("tally")
+T = TypeVar("T")
+SERVICES = ("dev", "ingest", "query", "consume")  # every other command is an operator's tool
+# Exit statuses (README, Commands). 2 is argparse's, for a bad command line; 3 is `tally consume`'s
+# when `tally migrate` registered other rollups (consumers.main).
+EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 4, 130
+SQL_SECONDS = 300.0  # an operator tool's SQL statement still running after this is abandoned
+_OURS = frozenset({"core", "consumers", "schemas", "query", "ingest"})
+# Postgres down, restarting or full, or a statement that waited too long: the same command may work later.
+_PG_TRANSIENT = frozenset({"57P01", "57P02", "57P03", "53300", "57014", "55P03", "40001", "40P01"})
 
 # core.auth.SCOPES, spelled out: importing core.auth here would load core.metrics before
 # `_prepare_multiprocess_metrics` has set up PROMETHEUS_MULTIPROC_DIR for the workers.
@@ -53,14 +76,11 @@ def _serve(app_path: str, settings: Settings, port: int, workers: int) -> None:
     )
 
 
-_RELATIVE_TIME = re.compile(r"^-\d+[smhdw]$")
-
-
 def _attach_relative_times(argv: Sequence[str]) -> list[str]:
     """`--since -1h` as `--since=-1h`: argparse would take `-1h` for an option and refuse it."""
     out: list[str] = []
     for arg in argv:
-        if out and out[-1] in ("--since", "--from") and _RELATIVE_TIME.match(arg):
+        if out and out[-1] in ("--since", "--from") and relative_seconds(arg) is not None:
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
@@ -81,7 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     backfill = sub.add_parser("backfill", help="fill a new rollup's past from the topic, exactly once")
     backfill.add_argument("rollup", help="the rollup's name in the rollups file")
     backfill.add_argument(
-        "--from", dest="since", default=None, help="earliest (default), ISO 8601 with an offset, or relative like -7d"
+        "--from",
+        "--since",
+        dest="since",
+        default=None,
+        metavar="WHEN",
+        help=f"earliest (default), ISO 8601 with an offset, or {SPELLING}",
     )
     backfill.add_argument(
         "--wait",
@@ -91,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     dlq = sub.add_parser("dlq", help="inspect the dead-letter topic, or replay dead letters after a fix")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
-    since_help = "only dead letters written at or after WHEN: ISO 8601 with an offset, or relative like -1h"
+    since_help = f"only dead letters written at or after WHEN: ISO 8601 with an offset, or {SPELLING}"
     inspect = dlq_sub.add_parser("inspect", help="print the last dead letters: where from, why, a value preview")
     inspect.add_argument("--limit", type=int, default=20, metavar="N", help="how many, newest (default 20)")
     inspect.add_argument("--since", metavar="WHEN", help=since_help)
@@ -115,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("directory", type=Path, help="a directory written by `tally backup`")
     restore.add_argument(
         "--jobs", type=int, default=1, metavar="N", help="parallel restore (default 1: one transaction, all or nothing)"
+    )
+    restore.add_argument(
+        "--check-only",
+        action="store_true",
+        help="restore nothing: only check that Kafka still holds the records after the backup's offsets",
     )
     keys = sub.add_parser("keys", help="create, list and revoke API keys (needs TALLY_POSTGRES_URL)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -148,12 +178,22 @@ async def _backup(settings: Settings, args: argparse.Namespace) -> None:
         manifest = await backup.backup(settings, args.directory, jobs=args.jobs)
         print(f"backed up into {args.directory}: " + backup.describe(manifest))
         return
-    manifest = await backup.restore(settings, args.directory, jobs=args.jobs)
-    print(f"restored, row counts checked: {backup.describe(manifest)}")
+    if args.check_only:
+        manifest = backup.read_manifest(args.directory)
+    else:
+        manifest = await backup.restore(settings, args.directory, jobs=args.jobs)
+        print(f"restored, row counts checked: {backup.describe(manifest)}")
+    unchecked = "warning: not checked that Kafka still holds the records after the restored offsets"
+    later = f"`tally restore {shlex.quote(str(args.directory))} --check-only`"
+    if settings.kafka_bootstrap is None and not args.check_only:
+        print(f"{unchecked}: TALLY_KAFKA_BOOTSTRAP is not set; set it and run {later}", file=sys.stderr)
+        return
     try:
         gaps = await backup.replay_gaps(settings, manifest)
-    except Exception as exc:  # Kafka unreachable: say so, the restore itself is done
-        print(f"warning: could not check that Kafka still holds the records after the offsets: {exc}")
+    except Exception as exc:
+        if args.check_only:
+            raise
+        print(f"{unchecked} ({explain(exc, settings)[1]}): run {later} once it answers", file=sys.stderr)
         return
     for gap in gaps:
         print(f"warning: {gap}", file=sys.stderr)
@@ -169,6 +209,200 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> None:
         await keycmd.list_keys(settings)
     else:
         await keycmd.revoke(settings, args.id)
+
+
+async def _operate(args: argparse.Namespace, settings: Settings) -> None:
+    """An operator command: migrate, backfill, dlq, retention, backup, restore, keys."""
+    if args.command == "migrate":
+        from core.migrate import migrate
+
+        await migrate(settings)
+        tables = ", ".join(s.table for s in settings.rollups)
+        print(f"migrated: topics {settings.topic} and {settings.dlq_topic}; tables {tables}")
+    elif args.command == "backfill":
+        tool = importlib.import_module("consumers.backfill")
+        await tool.run(settings, args.rollup, args.since, args.wait)
+    elif args.command == "dlq":
+        tools = importlib.import_module("consumers.dlq_tools")
+        if args.dlq_command == "inspect":
+            await tools.inspect(settings, limit=args.limit, since=args.since, json_lines=args.json)
+        else:
+            await tools.replay_command(
+                settings, since=args.since, dry_run=args.dry_run, include_replayed=args.include_replayed
+            )
+    elif args.command == "retention":
+        await _retention(settings, args.dry_run)
+    elif args.command in ("backup", "restore"):
+        await _backup(settings, args)
+    elif args.command == "keys":
+        await _keys(settings, args)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "dev":
+        from core.devrun import run_dev
+
+        asyncio.run(run_dev(settings, demo=args.demo, demo_rate=args.demo_rate))
+    elif args.command == "ingest":
+        auth = ("postgres_url",) if settings.auth else ()  # API keys live in Postgres
+        settings.require("kafka_bootstrap", "redis_url", *auth)
+        _serve("ingest.app:app_from_env", settings, settings.ingest_port, args.workers)
+    elif args.command == "query":
+        settings.require("kafka_bootstrap", "postgres_url", "redis_url")
+        _serve("query.app:app_from_env", settings, settings.query_port, args.workers)
+    elif args.command == "consume":
+        consumer = importlib.import_module("consumers.main")
+        return int(consumer.serve(settings))
+    else:
+        _bound_sql(SQL_SECONDS)
+        run_bounded(_operate(args, settings))
+    return 0
+
+
+def run_bounded(main: Coroutine[Any, Any, T], grace: float = 2.0) -> T:
+    """`asyncio.run(main)`, except at the end: tasks still running once `main` returned or failed
+    are cancelled and given `grace` seconds, then abandoned with the loop, so that a library task
+    which ignores its cancellation (aiokafka issue 983) cannot hold the process."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        # What is abandoned here is not news ("Task was destroyed but it is pending!").
+        loop.set_exception_handler(lambda _, context: log.debug("at exit: %s", context.get("message")))
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=grace))
+        loop.run_until_complete(asyncio.wait({loop.create_task(loop.shutdown_asyncgens())}, timeout=grace))
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _bound_sql(seconds: float) -> None:
+    """A client-side deadline on every SQL statement of this process (asyncpg's command_timeout):
+    a frozen or cut-off Postgres never enforces its own statement_timeout."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def deadline(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        cparams.setdefault("command_timeout", seconds)
+
+    event.listen(Engine, "do_connect", deadline)
+
+
+def _line(exc: BaseException) -> str:
+    """The first line of an error's message, without SQLAlchemy's link to its docs."""
+    text = str(exc).strip().splitlines()
+    return text[0].split(" (Background on this error at:")[0] if text else type(exc).__name__
+
+
+def _origin(exc: BaseException) -> str | None:
+    """Which client raised `exc`, by the modules of its traceback: "postgres", "kafka" or None."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        top = str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0]
+        found = {"asyncpg": "postgres", "sqlalchemy": "postgres", "aiokafka": "kafka"}.get(top, found)
+        tb = tb.tb_next
+    return found
+
+
+def _postgres(settings: Settings) -> tuple[str, dict[str, str]]:
+    """Where Postgres is (`host:port`) and the URL's parts for a command line."""
+    from sqlalchemy.engine import make_url
+
+    if settings.postgres_url is None:
+        return "(TALLY_POSTGRES_URL unset)", {}
+    url = make_url(str(settings.postgres_url))
+    host = url.host or str(url.query.get("host", "localhost"))
+    parts = {"-h": host, "-p": str(url.port or 5432), "-U": url.username or "", "db": url.database or ""}
+    return f"{host}:{url.port or 5432}", parts
+
+
+def _postgres_error(state: str, message: str, settings: Settings) -> tuple[int, str]:
+    where, parts = _postgres(settings)
+    if state == "3D000":  # invalid catalog name: the database does not exist
+        from core.backup import pg_programs
+
+        found = pg_programs("createdb", settings)
+        flags = [f"{flag} {shlex.quote(value)}" for flag, value in parts.items() if flag != "db" and value]
+        name = parts.get("db", "")
+        createdb = " ".join([str(found[0]) if found else "createdb", *flags, shlex.quote(name)])
+        quoted = '"' + name.replace('"', '""') + '"'
+        return EXIT_FAILED, (
+            f'database "{name}" does not exist on {where}: create it with `{createdb}` '
+            f"(or CREATE DATABASE {quoted} in psql), or point TALLY_POSTGRES_URL at one that exists"
+        )
+    if state in ("28000", "28P01"):
+        return EXIT_FAILED, f"Postgres at {where} refused the login: {message}: check TALLY_POSTGRES_URL"
+    if state == "42P01":  # undefined table
+        return EXIT_FAILED, f"{message} in database {parts.get('db', '?')}: run `tally migrate`"
+    if state in _PG_TRANSIENT or state.startswith("08"):
+        return EXIT_UNAVAILABLE, f"Postgres at {where}: {message}: try again once it answers"
+    return EXIT_FAILED, f"Postgres at {where}: {message} (SQLSTATE {state})"
+
+
+def explain(exc: BaseException, settings: Settings) -> tuple[int, str]:
+    """A failed command's exit status and reason, on one line: what is wrong and what to do.
+
+    The cause is looked for under SQLAlchemy's and asyncio's wrappers (core.db.exception_chain):
+    Tally's own errors are written for the operator; a driver's is put in words here.
+    """
+    from aiokafka import errors as kafka_errors
+    from sqlalchemy import exc as sa_errors
+
+    kafka_down = f"Kafka at {settings.kafka_bootstrap} did not answer: is it up, and is TALLY_KAFKA_BOOTSTRAP right?"
+    chain = exception_chain(exc)
+    for cause in chain:
+        if isinstance(cause, RollupSpecError | tomllib.TOMLDecodeError):
+            return EXIT_FAILED, f"{settings.rollups_file} (TALLY_ROLLUPS_FILE): {_line(cause)}"
+        if type(cause).__module__.partition(".")[0] in _OURS:
+            return EXIT_UNAVAILABLE if isinstance(cause, OSError) else EXIT_FAILED, _line(cause)
+        if isinstance(cause, sa_errors.DBAPIError) and cause.connection_invalidated:
+            return EXIT_UNAVAILABLE, (
+                f"Postgres at {_postgres(settings)[0]} closed the connection: is it restarting or stopped? "
+                "Try again once it answers"
+            )
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str):
+            return _postgres_error(state, _line(cause), settings)
+        if isinstance(cause, kafka_errors.KafkaConnectionError | kafka_errors.KafkaTimeoutError):
+            return EXIT_UNAVAILABLE, kafka_down
+        if isinstance(cause, kafka_errors.KafkaError):
+            return EXIT_FAILED, f"Kafka at {settings.kafka_bootstrap} refused: {type(cause).__name__}"
+        if isinstance(cause, sa_errors.TimeoutError):  # no pooled connection came free
+            return EXIT_UNAVAILABLE, f"Postgres at {_postgres(settings)[0]} did not give a connection in time"
+        if isinstance(cause, OSError) and cause.filename is not None:
+            return EXIT_FAILED, f"{cause.filename}: {cause.strerror or _line(cause)}"
+        if isinstance(cause, OSError) and (origin := _origin(cause)) is not None:
+            if origin == "kafka":
+                return EXIT_UNAVAILABLE, kafka_down
+            refused = "connection refused" if isinstance(cause, ConnectionRefusedError) else None
+            why = "timed out" if isinstance(cause, TimeoutError) else refused or cause.strerror or _line(cause)
+            return EXIT_UNAVAILABLE, (
+                f"Postgres at {_postgres(settings)[0]} did not answer ({why}): "
+                "is it up, and is TALLY_POSTGRES_URL right?"
+            )
+    first = next((c for c in chain if not type(c).__module__.startswith("sqlalchemy")), exc)
+    return EXIT_FAILED, _line(first) if isinstance(first, ValueError) else f"{type(first).__name__}: {_line(first)}"
+
+
+def _configure_logs(command: str, settings: Settings) -> None:
+    """Services log as configured. Operator tools log warnings, as text, unless TALLY_LOG_LEVEL or
+    TALLY_LOG_FORMAT says otherwise; their clients' own complaints are left to the one line of a
+    failure (aiokafka logs every refused connection as an error)."""
+    service = {"consume": "consumer"}.get(command, command)
+    chosen = settings.model_fields_set
+    if command in SERVICES:
+        logs.configure(service, level=settings.log_level, fmt=settings.log_format)
+        return
+    level = settings.log_level if "log_level" in chosen else "warning"
+    logs.configure(service, level=level, fmt=settings.log_format if "log_format" in chosen else "text")
+    if "log_level" not in chosen:
+        for name in ("aiokafka", "asyncpg", "sqlalchemy"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -189,69 +423,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = get_settings(**overrides)
     except Exception as exc:  # pydantic's ValidationError names the bad variable
         sys.exit(f"tally: bad configuration: {exc}")
-    logs.configure(
-        {"consume": "consumer"}.get(args.command, args.command), level=settings.log_level, fmt=settings.log_format
+    _configure_logs(args.command, settings)
+    name = " ".join(
+        n for n in (args.command, getattr(args, "dlq_command", None), getattr(args, "keys_command", None)) if n
     )
     try:
-        if args.command == "dev":
-            from core.devrun import run_dev
-
-            asyncio.run(run_dev(settings, demo=args.demo, demo_rate=args.demo_rate))
-        elif args.command == "ingest":
-            auth = ("postgres_url",) if settings.auth else ()  # API keys live in Postgres
-            settings.require("kafka_bootstrap", "redis_url", *auth)
-            _serve("ingest.app:app_from_env", settings, settings.ingest_port, args.workers)
-        elif args.command == "query":
-            settings.require("kafka_bootstrap", "postgres_url", "redis_url")
-            _serve("query.app:app_from_env", settings, settings.query_port, args.workers)
-        elif args.command == "consume":
-            consumer = importlib.import_module("consumers.main")
-            sys.exit(consumer.serve(settings))
-        elif args.command == "migrate":
-            from core.migrate import migrate
-
-            asyncio.run(migrate(settings))
-        elif args.command == "backfill":
-            tool = importlib.import_module("consumers.backfill")
-            sys.exit(asyncio.run(tool.run(settings, args.rollup, args.since, args.wait)))
-        elif args.command == "dlq":
-            tools = importlib.import_module("consumers.dlq_tools")
-            if args.dlq_command == "inspect":
-                code = asyncio.run(tools.inspect(settings, limit=args.limit, since=args.since, json_lines=args.json))
-            else:
-                code = asyncio.run(
-                    tools.replay_command(
-                        settings, since=args.since, dry_run=args.dry_run, include_replayed=args.include_replayed
-                    )
-                )
-            sys.exit(code)
-        elif args.command == "retention":
-            from sqlalchemy.exc import SQLAlchemyError
-
-            from core.retention import RetentionError
-
-            try:
-                asyncio.run(_retention(settings, args.dry_run))
-            except (RetentionError, SQLAlchemyError, OSError) as exc:  # e.g. Postgres unreachable, a lock timeout
-                sys.exit(f"tally: retention failed: {exc}")
-        elif args.command in ("backup", "restore"):
-            from sqlalchemy.exc import SQLAlchemyError
-
-            from core.backup import BackupError
-
-            try:
-                asyncio.run(_backup(settings, args))
-            except (BackupError, SQLAlchemyError, OSError) as exc:
-                sys.exit(f"tally: {args.command} failed: {exc}")
-        elif args.command == "keys":
-            try:
-                asyncio.run(_keys(settings, args))
-            except (ValueError, OSError) as exc:  # bad name or rate limit; Postgres unreachable
-                sys.exit(f"tally: {exc}")
-    except SettingsError as exc:
-        sys.exit(f"tally: {exc}")
+        code = _dispatch(args, settings)
     except KeyboardInterrupt:
-        pass
+        code = 0 if args.command == "dev" else EXIT_INTERRUPTED  # Ctrl-C is how `tally dev` stops
+    except Exception as exc:
+        log.debug("tally %s failed", name, exc_info=True)  # TALLY_LOG_LEVEL=debug: the traceback too
+        code, reason = explain(exc, settings)
+        print(f"tally {name}: {reason}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

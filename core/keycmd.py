@@ -15,6 +15,10 @@ from core.db import write_engine
 from core.settings import Settings
 
 
+class UnknownKey(LookupError):
+    """No API key has the id given to `tally keys revoke`."""
+
+
 def _time(value: datetime | None) -> str:
     return "-" if value is None else f"{value.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
 
@@ -68,7 +72,7 @@ async def revoke(settings: Settings, key_id: str) -> None:
     finally:
         await store.close()
     if key is None:
-        sys.exit(f"tally: no API key with id {key_id!r} (see `tally keys list`)")
+        raise UnknownKey(f"no API key with id {key_id!r} (see `tally keys list`)")
     print(
         f"revoked {key.id} ({key.name}) at {_time(key.revoked_at)}; "
         f"running services stop accepting it within TALLY_AUTH_CACHE_SECONDS ({settings.auth_cache_seconds:g} s)"

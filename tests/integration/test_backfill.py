@@ -94,8 +94,8 @@ async def test_a_new_rollup_is_fenced_applied_and_backfilled_exactly(settings: S
         result = cli(new, "backfill", "by_source", "--from", "earliest")
         assert result.returncode == 0, result.stdout + result.stderr
         assert "backfilled by_source: 400 events applied" in result.stdout
-        again = cli(new, "backfill", "by_source")
-        assert again.returncode == 0 and "0 events applied" in again.stdout, again.stdout
+        again = cli(new, "backfill", "by_source", "--since", "-1h")  # `--since`: `--from` by its other name
+        assert again.returncode == 0 and "0 events applied" in again.stdout, again.stdout + again.stderr
 
     assert await counts(new, "agg_by_source", "source") == expected(events, "source")
     assert await counts(new, "agg_by_type", "type") == expected(events, "type")
@@ -103,6 +103,8 @@ async def test_a_new_rollup_is_fenced_applied_and_backfilled_exactly(settings: S
 
 async def test_backfill_refuses_an_unknown_rollup_and_a_bad_from(migrated: Settings) -> None:
     unknown = cli(migrated, "backfill", "nope")
-    assert unknown.returncode == 2 and "rollup 'nope' is not in" in unknown.stdout
+    assert unknown.returncode == 1 and "tally backfill: rollup 'nope' is not in" in unknown.stderr
     bad = cli(migrated, "backfill", "events_by_type", "--from", "last tuesday")
-    assert bad.returncode == 2 and "is not earliest, ISO 8601 or relative" in bad.stdout
+    assert bad.returncode == 1 and "is not earliest, ISO 8601 with an offset or relative like -30s" in bad.stderr
+    future = cli(migrated, "backfill", "events_by_type", "--since", "+1h")
+    assert future.returncode == 1 and "in the future" in future.stderr
