@@ -239,12 +239,34 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-async def restore(settings: Settings, directory: Path, *, jobs: int = 1) -> dict[str, Any]:
-    """Restore a backup into the configured database, which must have no tables; then check every
-    table's row count against the manifest. Returns the manifest."""
+async def create_database(url: str) -> bool:
+    """Create the database `url` names unless it exists (as pg_restore --create would); True if created.
+    Asks the server's maintenance database `postgres`, since the named one cannot be reached yet."""
+    name = make_url(url).database
+    if not name:
+        raise BackupError("TALLY_POSTGRES_URL names no database to create")
+    maintenance = make_url(url).set(database="postgres").render_as_string(hide_password=False)
+    engine = _engine(maintenance, "tally-restore", isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            found = await conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name})
+            if found.first() is not None:
+                return False
+            await conn.execute(text(f"CREATE DATABASE {_quote(name)}"))
+    finally:
+        await engine.dispose()
+    return True
+
+
+async def restore(settings: Settings, directory: Path, *, jobs: int = 1, create: bool = False) -> dict[str, Any]:
+    """Restore a backup into the configured database, which must have no tables (`create`: make it
+    first if it does not exist); then check every table's row count against the manifest.
+    Returns the manifest."""
     settings.require("postgres_url")
     url = str(settings.postgres_url)
     manifest = read_manifest(directory)
+    if create:
+        await create_database(url)
     engine = _engine(url, "tally-restore", isolation_level="AUTOCOMMIT")
     try:
         async with engine.connect() as conn:

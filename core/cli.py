@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=1, metavar="N", help="parallel restore (default 1: one transaction, all or nothing)"
     )
     restore.add_argument(
+        "--create", action="store_true", help="create the database first if it does not exist (as pg_restore -C)"
+    )
+    restore.add_argument(
         "--check-only",
         action="store_true",
         help="restore nothing: only check that Kafka still holds the records after the backup's offsets",
@@ -181,7 +184,7 @@ async def _backup(settings: Settings, args: argparse.Namespace) -> None:
     if args.check_only:
         manifest = backup.read_manifest(args.directory)
     else:
-        manifest = await backup.restore(settings, args.directory, jobs=args.jobs)
+        manifest = await backup.restore(settings, args.directory, jobs=args.jobs, create=args.create)
         print(f"restored, row counts checked: {backup.describe(manifest)}")
     unchecked = "warning: not checked that Kafka still holds the records after the restored offsets"
     later = f"`tally restore {shlex.quote(str(args.directory))} --check-only`"

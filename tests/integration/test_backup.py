@@ -131,20 +131,18 @@ async def test_backup_mid_stream_restores_a_consistent_snapshot_and_replay_is_ex
     with pytest.raises(BackupError, match="not empty"):
         await backup(settings, directory)
 
-    # Restoring over live data would double-count: refused, nothing changed.
-    code, out = await tally(settings, "restore", str(directory))
+    # Restoring over live data would double-count: refused, nothing changed (--create only makes a
+    # database that does not exist).
+    code, out = await tally(settings, "restore", str(directory), "--create")
     assert code == 1 and "already has tables" in out, out
     assert await stored_offsets(settings) == ends
 
     admin = make_url(servers.postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
     name = f"tally_restored_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
     restored_url = make_url(admin).set(database=name).render_as_string(hide_password=False)
     restored = Settings(**{**settings.model_dump(), "postgres_url": restored_url})
     try:
-        code, out = await tally(restored, "restore", str(directory))
+        code, out = await tally(restored, "restore", str(directory), "--create")  # a database of its own
         assert code == 0, out
         assert "row counts checked" in out and "warning:" not in out, out  # Kafka still has every record
 
