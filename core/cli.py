@@ -23,6 +23,8 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
 from core import devenv, logs
 from core.db import exception_chain
 from core.settings import Settings, get_settings
@@ -347,6 +349,19 @@ def _postgres_error(state: str, message: str, settings: Settings) -> tuple[int, 
     return EXIT_FAILED, f"Postgres at {where}: {message} (SQLSTATE {state})"
 
 
+def configuration_error(exc: ValidationError) -> str:
+    """pydantic's refusal of the settings on one line: each bad variable, its value and why."""
+    reasons = []
+    for error in exc.errors(include_url=False):
+        why = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            name = f"TALLY_{str(error['loc'][0]).upper()}"
+            reasons.append(f"{name}={error['input']!s}: {why}" if isinstance(error["input"], str) else f"{name}: {why}")
+        else:  # a rule across several settings, which names them itself
+            reasons.append(why)
+    return "; ".join(reasons)
+
+
 def explain(exc: BaseException, settings: Settings) -> tuple[int, str]:
     """A failed command's exit status and reason, on one line: what is wrong and what to do.
 
@@ -424,8 +439,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"tally: using the `tally dev` stack (pid {dev_env.pid}): {dev_env.summary()}", file=sys.stderr)
     try:
         settings = get_settings(**overrides)
-    except Exception as exc:  # pydantic's ValidationError names the bad variable
-        sys.exit(f"tally: bad configuration: {exc}")
+    except ValidationError as exc:
+        sys.exit(f"tally: bad configuration: {configuration_error(exc)}")
     _configure_logs(args.command, settings)
     name = " ".join(
         n for n in (args.command, getattr(args, "dlq_command", None), getattr(args, "keys_command", None)) if n

@@ -106,3 +106,20 @@ def test_the_runner_does_not_wait_for_a_task_that_ignores_its_cancellation() -> 
     started = time.monotonic()
     assert run_bounded(main(), grace=0.2) == 7
     assert time.monotonic() - started < 2
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable_and_its_value() -> None:
+    from pydantic import ValidationError
+
+    from core.cli import configuration_error
+    from core.settings import Settings
+
+    with pytest.raises(ValidationError) as bad_int:
+        Settings(max_events="abc", env="nope")  # type: ignore[arg-type]
+    assert configuration_error(bad_int.value) == (
+        "TALLY_ENV=nope: Input should be 'dev', 'test' or 'prod'; "
+        "TALLY_MAX_EVENTS=abc: Input should be a valid integer, unable to parse string as an integer"
+    )
+    with pytest.raises(ValidationError) as across:
+        Settings(default_limit=100_000)
+    assert configuration_error(across.value) == "TALLY_DEFAULT_LIMIT (100000) is above TALLY_MAX_LIMIT (10000)"
