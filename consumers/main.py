@@ -25,6 +25,7 @@ from consumers.retry import FIRST_DELAY, MAX_DELAY, Stopped, kafka_transient, po
 from consumers.runner import Listener, Runner
 from core import kafka, logs, retention
 from core.db import write_engine
+from core.looplag import LoopLagMonitor
 from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,10 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     dlq = DeadLetterSink(settings)
     runner: Runner | None = None
     expiry: asyncio.Task[None] | None = None  # deletes buckets past their retention, now and then
+    loop_lag = LoopLagMonitor("consumer")
     with _stop_on_signals(stop) if own_signals else contextlib.nullcontext():
         await ops.start()
+        loop_lag.start()
         try:
             version = await wait_for_tables(engine, plans, stop)
             expiry = retention.start_periodic(settings, stop)
@@ -147,6 +150,7 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             log.warning("stopped before the work in hand was done (nothing of it committed): %s", exc)
         finally:
             app.state.draining = True
+            await loop_lag.stop()
             await retention.stop_periodic(expiry, stop)
             if runner is not None:
                 await runner.close()

@@ -13,6 +13,7 @@ from core.auth import auth_requires, auth_responses, open_key_store, require_sco
 from core.cache import redis_client
 from core.health import kafka_ok, redis_ok
 from core.http import HeaderLimit, MetricsMiddleware, drain_on_sigterm, ops_router
+from core.looplag import LoopLagMonitor
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
 from ingest.idempotency import IdempotencyStore
@@ -42,6 +43,8 @@ def create_app(settings: Settings) -> FastAPI:
         writer.start()  # in the background: ingest serves (and refuses with 503) while Kafka is down
         app.state.writer = writer
         drain_on_sigterm(app, settings.drain_seconds)
+        loop_lag = LoopLagMonitor("ingest")
+        loop_lag.start()
         try:
             yield {
                 "settings": settings,
@@ -63,6 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
             }
         finally:
             app.state.draining = True
+            await loop_lag.stop()
             await writer.stop()  # flushes what is pending
             await redis.aclose()
             await idempotency_redis.aclose()

@@ -14,6 +14,7 @@ from core.cache import redis_client
 from core.db import read_engine
 from core.health import postgres_ok, redis_ok
 from core.http import HeaderLimit, MetricsMiddleware, drain_on_sigterm, ops_router
+from core.looplag import LoopLagMonitor
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
 from query.cache import QueryCache
@@ -65,6 +66,8 @@ def create_app(settings: Settings) -> FastAPI:
         # A lock outlives the slowest query, so a crashed holder delays others by at most that.
         cache = QueryCache(redis, lock_ttl_ms=settings.statement_timeout_ms + 2_000)
         drain_on_sigterm(app, settings.drain_seconds)
+        loop_lag = LoopLagMonitor("query")
+        loop_lag.start()
         try:
             await lag.start()
             sampler.start()
@@ -83,6 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
         finally:
             try:
+                await loop_lag.stop()
                 await sampler.stop()
                 await cache.drain()
                 await lag.close()
