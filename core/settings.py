@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     idempotency_lock_seconds: float = 30.0  # a first request's claim; must outlast a produce
     rate_limit_events_per_second: int = 100_000  # per key, unless the key has its own; 0 = off
     rate_limit_burst_seconds: float = 2.0  # bucket size, in seconds of the rate
+    # Each process leases up to this many seconds of a key's rate (at most a tenth of its bucket)
+    # when it asks Redis, and spends it without asking again; 0: one Redis call per request.
+    rate_limit_lease_seconds: float = Field(0.25, ge=0, le=1.0)
 
     # Consumer.
     batch_max_records: int = 2_000  # records (envelopes) per poll

@@ -62,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
                     settings.cache_prefix,
                     default_rate=settings.rate_limit_events_per_second,
                     burst_seconds=settings.rate_limit_burst_seconds,
+                    lease_seconds=settings.rate_limit_lease_seconds,
                 ),
             }
         finally:

@@ -80,7 +80,12 @@ async def test_redis_killed_and_restarted_mid_stream(
     seed, why = seeded()
     rng = random.Random(seed)
     config = settings.model_copy(
-        update={"redis_url": private_redis.url, "dedup": True, "rate_limit_events_per_second": RATE}
+        # No rate-limit leases: a post right after the kill must meet Redis gone, not a lease that
+        # still has tokens (ingest.ratelimit), so every post while it is down shows the limiter open.
+        update={
+            "redis_url": private_redis.url, "dedup": True, "rate_limit_events_per_second": RATE,
+            "rate_limit_lease_seconds": 0.0,
+        }
     )
     await migrate(config)
     consumer = await start_consumer(config, tmp_path)
