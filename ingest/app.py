@@ -13,7 +13,7 @@ from core.auth import auth_requires, auth_responses, open_key_store, require_sco
 from core.cache import redis_client
 from core.health import kafka_ok, redis_ok
 from core.http import HeaderLimit, MetricsMiddleware, drain_on_sigterm, ops_router
-from core.looplag import LoopLagMonitor
+from core.looplag import LoopLagMonitor, settle_heap
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
 from ingest.idempotency import IdempotencyStore
@@ -45,6 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
         drain_on_sigterm(app, settings.drain_seconds)
         loop_lag = LoopLagMonitor("ingest")
         loop_lag.start()
+        settle_heap()  # the collector's full passes, rare and over what requests made only
         try:
             yield {
                 "settings": settings,

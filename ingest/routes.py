@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from core import metrics
 from core.auth import KeyStore, Principal
+from core.looplag import in_slices
 from core.problems import PROBLEM_JSON, Unprocessable, problem_response
 from core.settings import Settings
 from ingest.body import UNPARSABLE, ParsedBatch, media_type, parse_batch, read_body
@@ -132,18 +133,23 @@ async def _ingest(
     limits = settings.event_limits
     encoded: list[bytes] = []
     rejected: list[dict[str, Any]] = []
-    for index, raw in enumerate(batch.events):
-        if raw is UNPARSABLE:
-            rejected.append({"index": index, "error": batch.line_errors[index]})
-            metrics.events_rejected.labels(batch.reasons.get(index, "json")).inc()
-            continue
-        if key is not None and isinstance(raw, dict) and "event_id" not in raw:
-            raw["event_id"] = derived_event_id(principal.key_id, key, index)
-        try:
-            encoded.append(normalize_event(raw, received_at, limits, skew))
-        except InvalidEvent as exc:
-            rejected.append({"index": index, "error": str(exc)})
-            metrics.events_rejected.labels(exc.reason).inc()
+
+    def validate(start: int, stop: int) -> None:
+        for index, raw in enumerate(batch.events[start:stop], start):
+            if raw is UNPARSABLE:
+                rejected.append({"index": index, "error": batch.line_errors[index]})
+                metrics.events_rejected.labels(batch.reasons.get(index, "json")).inc()
+                continue
+            if key is not None and isinstance(raw, dict) and "event_id" not in raw:
+                raw["event_id"] = derived_event_id(principal.key_id, key, index)
+            try:
+                encoded.append(normalize_event(raw, received_at, limits, skew))
+            except InvalidEvent as exc:
+                rejected.append({"index": index, "error": str(exc)})
+                metrics.events_rejected.labels(exc.reason).inc()
+
+    # 10,000 events are ~50 ms of CPU: validated in slices that let /healthz and other requests in.
+    await in_slices(validate, len(batch.events))
 
     if not encoded:
         detail = "the batch has no events" if not batch.events else "no event in the batch is valid"
