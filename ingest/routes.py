@@ -20,7 +20,7 @@ from ingest.ratelimit import RateLimiter
 from ingest.writer import KafkaWriter
 from schemas import envelope
 from schemas.api import IngestAccepted, Problem
-from schemas.events import InvalidEvent, normalize_event
+from schemas.events import InvalidEvent, assign_event_id, normalize_event
 
 
 class IngestState(TypedDict):
@@ -102,7 +102,7 @@ async def post_events(
         deadline_seconds=settings.body_timeout_seconds,
     )
     content_type = request.headers.get("content-type", "")
-    batch = parse_batch(body, content_type, max_events=settings.max_events)
+    batch = parse_batch(body, content_type, max_events=settings.max_events, native=True)
 
     if key is None:
         return await _ingest(request, state, principal, batch, None)
@@ -140,8 +140,8 @@ async def _ingest(
                 rejected.append({"index": index, "error": batch.line_errors[index]})
                 metrics.events_rejected.labels(batch.reasons.get(index, "json")).inc()
                 continue
-            if key is not None and isinstance(raw, dict) and "event_id" not in raw:
-                raw["event_id"] = derived_event_id(principal.key_id, key, index)
+            if key is not None:
+                assign_event_id(raw, lambda: derived_event_id(principal.key_id, key, index))  # noqa: B023 - called at once
             try:
                 encoded.append(normalize_event(raw, received_at, limits, skew))
             except InvalidEvent as exc:
