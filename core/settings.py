@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     topic_replication: int = Field(1, ge=1)
     consumer_group: str = "tally"
     kafka_idempotence: bool = False  # on for real Kafka; Tansu cannot do it
-    kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
+    kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "zstd"  # docs/performance.md
     # Managed Kafka: TLS and SASL (every client Tally makes uses them).
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
