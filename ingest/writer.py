@@ -54,12 +54,15 @@ class KafkaWriter:
     # Lifecycle.
 
     def start(self) -> None:
-        self._starter = asyncio.create_task(self._start_producer(), name="kafka-producer-start")
+        # Built here, not in the task: a producer that cannot be made (a codec whose library is
+        # missing) fails the start-up with its reason instead of a task that dies unseen while
+        # ingest answers "not connected yet" for ever.
+        first = self._make_producer()
+        self._starter = asyncio.create_task(self._start_producer(first), name="kafka-producer-start")
 
-    async def _start_producer(self) -> None:
+    async def _start_producer(self, producer: AIOKafkaProducer) -> None:
         delay = 0.2
         while True:
-            producer = self._make_producer()
             try:
                 await producer.start()
             except KafkaError as exc:
@@ -69,6 +72,7 @@ class KafkaWriter:
                     await producer.stop()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+                producer = self._make_producer()
                 continue
             self._producer = producer
             log.info("Kafka producer started")
