@@ -270,17 +270,16 @@ def assign_event_id(raw: Any, make: Callable[[], str]) -> None:
         raw["event_id"] = make()
 
 
-def _normalize_native(event: NativeEvent, received_at_ms: int, limits: EventLimits, skew_ms: int) -> bytes:
-    """`normalize_event` for an event msgspec already shaped: the same JSON, for a few checks.
-
-    Whatever is not plainly valid here (an id to canonicalize, a time outside the window, a
-    limit) goes to `normalize_event` itself, which decides and names the refusal: the two
-    cannot disagree on a refused event (tests/unit/test_native_events.py holds them equal).
-    """
+def _normalize_native(event: NativeEvent, received_at_ms: int, limits: EventLimits, skew_ms: int) -> bytes | None:
+    """`normalize_event` for an event msgspec already shaped: the same JSON, for a few checks;
+    None for whatever is not plainly valid here (an id to canonicalize, a time outside the
+    window, a limit), which `normalize_event` then decides over the event's dict, naming the
+    refusal: the two cannot disagree on a refused event (tests/unit/test_native_events.py
+    holds them equal)."""
     etype = event.type
     if etype not in _VALID_TYPES:
         if not TYPE_PATTERN.fullmatch(etype):
-            return normalize_event(event.as_raw(), received_at_ms, limits, skew_ms)
+            return None
         if len(_VALID_TYPES) < _VALID_TYPES_KEPT:
             _VALID_TYPES.add(etype)
     out: dict[str, Any] = {"type": etype}
@@ -290,27 +289,27 @@ def _normalize_native(event: NativeEvent, received_at_ms: int, limits: EventLimi
     elif _CANONICAL_UUID.fullmatch(event_id):
         out["event_id"] = event_id
     else:
-        return normalize_event(event.as_raw(), received_at_ms, limits, skew_ms)
+        return None
     ts = event.ts
     ts_ms = received_at_ms if ts is None else _parse_ts(ts) + skew_ms
     if ts_ms < received_at_ms - limits.lateness_ms or ts_ms > received_at_ms + limits.future_ms:
-        return normalize_event(event.as_raw(), received_at_ms, limits, skew_ms)
+        return None
     out["ts"] = ts_ms
     out["received_at"] = received_at_ms
     short = limits.max_short_chars
     for name, value in (("source", event.source), ("user_id", event.user_id), ("session_id", event.session_id)):
         if value is not None:
             if len(value) > short:
-                return normalize_event(event.as_raw(), received_at_ms, limits, skew_ms)
+                return None
             out[name] = value
     properties = event.properties
     if properties is not None:
         if len(properties) > limits.max_properties or not _tree_ok(properties, 1, limits):
-            return normalize_event(event.as_raw(), received_at_ms, limits, skew_ms)
+            return None
         out["properties"] = properties
     encoded = orjson.dumps(out)
     if len(encoded) > limits.max_event_bytes:
-        return normalize_event(event.as_raw(), received_at_ms, limits, skew_ms)
+        return None
     return encoded
 
 
@@ -322,7 +321,10 @@ def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits, skew_ms:
     `decode_native` read takes the short way (`_normalize_native`).
     """
     if type(raw) is NativeEvent:
-        return _normalize_native(raw, received_at_ms, limits, skew_ms)
+        encoded = _normalize_native(raw, received_at_ms, limits, skew_ms)
+        if encoded is not None:
+            return encoded
+        raw = raw.as_raw()  # the general way decides, and names the refusal
     if not isinstance(raw, dict):
         raise InvalidEvent("an event must be a JSON object", "not_object")
     unknown = raw.keys() - KNOWN_FIELDS
