@@ -137,7 +137,8 @@ class RateLimiter:
         lease.tokens -= held
         need, extra = events - held, 0
         largest = self.lease_size(rate, capacity)
-        if largest and not lease.asking:
+        leasing = bool(largest) and not lease.asking
+        if leasing:
             spent = now < lease.expires  # the last lease ran out before it expired: grow
             extra = min(largest, max(events, lease.size * 2 if spent else lease.size // 2))
             lease.asking = True
@@ -149,27 +150,23 @@ class RateLimiter:
             metrics.rate_limit_unavailable.inc()
             return None
         finally:
-            if extra:
+            if leasing:
                 lease.asking = False
         tokens = float(left)
         now = time.monotonic()
-        if allowed:
-            if extra:
-                lease.size = extra
-                lease.tokens = int(granted) - need + lease.usable(rate, now)
-                lease.expires, lease.bucket, lease.at = now + self._lease_seconds, tokens, now
-            if len(self._leases) >= _PRUNE_AT:
-                self._leases = {k: v for k, v in self._leases.items() if v.expires > now or v.asking}
-            return (
-                lease.quota(capacity, now)
-                if extra
-                else Quota(capacity, int(tokens) + lease.usable(rate, now), math.ceil((capacity - tokens) / rate), rate)
-            )
-        if now < lease.expires:
+        if allowed and leasing:
+            lease.size = extra
+            lease.tokens = int(granted) - need + lease.usable(rate, now)
+            lease.expires, lease.bucket, lease.at = now + self._lease_seconds, tokens, now
+        if len(self._leases) >= _PRUNE_AT:
+            self._leases = {k: v for k, v in self._leases.items() if v.expires > now or v.asking}
+        if not allowed and now < lease.expires:
             lease.tokens += held  # refused: the lease keeps what it had for smaller batches
-        # Any lease is gone before a Retry-After of 1 s or more is up, so the wait counts the bucket alone.
+        # What this process could spend now: the bucket and its lease. (Any lease is gone before a
+        # Retry-After of 1 s or more is up, so a refusal's wait counts the bucket alone.)
         quota = Quota(capacity, int(tokens) + lease.usable(rate, now), math.ceil((capacity - tokens) / rate), rate)
-        held = lease.usable(rate, now)
+        if allowed:
+            return quota
         if events > capacity:
             raise RateLimited(
                 f"a batch of {events} events exceeds this key's burst of {capacity} events; send smaller batches",
@@ -177,6 +174,6 @@ class RateLimiter:
             )
         wait = math.ceil((events - tokens) / rate)
         raise RateLimited(
-            f"this key may send {rate} events/s (bursts of {capacity}); {events} asked, {int(tokens) + held} left",
+            f"this key may send {rate} events/s (bursts of {capacity}); {events} asked, {quota.remaining} left",
             headers={**quota.headers(), "Retry-After": str(max(1, wait))},
         )

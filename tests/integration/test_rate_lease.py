@@ -113,3 +113,18 @@ async def test_processes_together_admit_no_more_than_the_bound(servers: Servers,
     lower = capacity + rate * seconds - processes * (lease + batch) - rate * 0.1  # leases unspent, polling
     print(f"lease {lease_seconds}s: admitted {admitted} in {elapsed:.2f} s; bounds [{lower:.0f}, {upper:.0f}]")
     assert lower <= admitted <= upper
+
+
+async def test_an_empty_batch_does_not_stop_leasing(servers: Servers) -> None:
+    """A batch of 0 events asks Redis for nothing more; the next one still takes a lease."""
+    redis = Redis.from_url(servers.redis_url)
+    limiter = RateLimiter(redis, f"empty-{uuid.uuid4().hex[:8]}:", default_rate=1_000, burst_seconds=1.0,
+                          lease_seconds=0.25)
+    try:
+        await limiter.take("k", 0, None)
+        await limiter.take("k", 10, None)  # leases 10 beyond its own 10
+        before = await _script_calls(redis)
+        await limiter.take("k", 10, None)
+        assert await _script_calls(redis) == before  # spent from the lease
+    finally:
+        await redis.aclose()
