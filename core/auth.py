@@ -416,23 +416,29 @@ def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
         _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
     ) -> Principal:
         state: dict[str, Any] = request.scope.setdefault("state", {})
-        settings: Settings = state["settings"]
-        if not settings.auth:
-            principal = ANONYMOUS
-        else:
-            keys: KeyStore | None = state.get("keys")
-            if keys is None:  # fail closed: a lifespan without a KeyStore is a bug, not an open door
-                raise RuntimeError("auth is on but the app's lifespan state has no KeyStore under `keys`")
-            principal = await _verify(keys, request.headers.get("authorization"), settings)
-            try:
-                check_scope(principal, scope)
-            except Forbidden:
-                metrics.auth_failures.labels("scope").inc()
-                raise
-        state["principal"] = principal
-        return principal
+        return await authorize(state, request.headers.get("authorization"), scope)
 
     return authenticate
+
+
+async def authorize(state: dict[str, Any], authorization: str | None, scope: str) -> Principal:
+    """`require_scope`'s check without FastAPI: for a plain ASGI route, given the request's
+    lifespan state and its Authorization header. Stores the Principal in `state["principal"]`."""
+    settings: Settings = state["settings"]
+    if not settings.auth:
+        principal = ANONYMOUS
+    else:
+        keys: KeyStore | None = state.get("keys")
+        if keys is None:  # fail closed: a lifespan without a KeyStore is a bug, not an open door
+            raise RuntimeError("auth is on but the app's lifespan state has no KeyStore under `keys`")
+        principal = await _verify(keys, authorization, settings)
+        try:
+            check_scope(principal, scope)
+        except Forbidden:
+            metrics.auth_failures.labels("scope").inc()
+            raise
+    state["principal"] = principal
+    return principal
 
 
 async def _verify(keys: KeyStore, header: str | None, settings: Settings) -> Principal:

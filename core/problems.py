@@ -107,22 +107,26 @@ def problem_response(
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-async def _tally_error(request: Request, exc: Exception) -> Response:
-    exc = cast(TallyError, exc)
+def problem_for(exc: TallyError, method: str, path: str) -> Response:
+    """The problem+json answer to a TallyError: for the exception handlers and plain ASGI routes."""
     cause = exc.__cause__
     if exc.status >= 500 and cause is not None:
         # The client gets the generic detail; the operator gets what failed (a driver error may
         # name SQL, a host or a port), on one line: a dependency down must not flood the log.
-        log.warning("%s %s answered %d: %s: %r", request.method, request.url.path, exc.status, exc.detail, cause)
+        log.warning("%s %s answered %d: %s: %r", method, path, exc.status, exc.detail, cause)
     return problem_response(
         exc.status,
         exc.title,
         exc.detail,
         slug=exc.slug,
-        instance=request.url.path,
+        instance=path,
         errors=exc.errors,
         headers=exc.headers,
     )
+
+
+async def _tally_error(request: Request, exc: Exception) -> Response:
+    return problem_for(cast(TallyError, exc), request.method, request.url.path)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -5,20 +5,24 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from starlette.routing import Route
 
 from core import kafka, logs
-from core.auth import auth_requires, auth_responses, open_key_store, require_scope
+from core.auth import auth_requires, open_key_store
 from core.cache import redis_client
 from core.health import kafka_ok, redis_ok
 from core.http import HeaderLimit, MetricsMiddleware, drain_on_sigterm, ops_router
 from core.looplag import LoopLagMonitor, settle_heap
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
+from ingest.endpoint import PATH, IngestState, PostEvents
 from ingest.idempotency import IdempotencyStore
+from ingest.openapi import documented_routes
 from ingest.ratelimit import RateLimiter
-from ingest.routes import IngestState, router
 from ingest.writer import KafkaWriter
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield {
                 "settings": settings,
+                "limits": settings.event_limits,
                 "keys": keys,
                 "writer": writer,
                 "idempotency": IdempotencyStore(
@@ -92,8 +97,19 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
-    # /healthz, /readyz and /metrics (ops_router) stay open for probes and Prometheus.
-    app.include_router(router, dependencies=[Depends(require_scope("ingest"))], responses=auth_responses("ingest"))
+    # The hot route is a plain ASGI app (authenticating for the `ingest` scope itself); OpenAPI
+    # describes it from ingest.openapi. /healthz, /readyz and /metrics stay open for probes.
+    app.router.routes.append(Route(PATH, PostEvents(), methods=["POST"], name="post_events"))
+    described = documented_routes()
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=[*described, *app.routes]
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     # Without Redis only requests with an Idempotency-Key are refused: not a reason to leave the balancer.
     app.include_router(ops_router(readiness, gating=frozenset({"kafka"})))
     app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)  # inside metrics: 431s are counted

@@ -24,12 +24,11 @@ import orjson
 from starlette.requests import ClientDisconnect
 
 from core.problems import BadRequest, PayloadTooLarge, TallyError, UnsupportedMediaType
-from schemas.events import KNOWN_FIELDS, MAX_SAFE_NUMBER, decode_native, parse_sent_at
+from schemas.events import KNOWN_FIELDS, MAX_SAFE_NUMBER, UNPARSABLE, EventLimits, parse_sent_at
+from schemas.native import decode_native
 
 JSON_TYPES = frozenset({"application/json", ""})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
-# A raw event whose line could not be parsed: kept in place so indexes stay true.
-UNPARSABLE = object()
 # 19 digits in a row: the only way to write an integer that orjson turns into a float. Found by
 # mapping digits to "0" and all else to " " then searching: 1 ns a byte, a tenth of a regex.
 _DIGITS_ONLY = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
@@ -134,18 +133,19 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-def parse_batch(body: bytes, content_type: str, *, max_events: int, native: bool = False) -> ParsedBatch:
+def parse_batch(body: bytes, content_type: str, *, max_events: int, native: EventLimits | None = None) -> ParsedBatch:
     """Split a body into raw events. Only a body that cannot be split at all is a 400.
 
-    `native`: a JSON body whose events all have the right shape comes back as
-    `schemas.events.NativeEvent`s (`_parse_native`), which `normalize_event` takes the short
-    way; otherwise as the dicts orjson reads. Both give the same answers and envelopes.
+    `native`: the event limits under which a JSON body whose events all have the right shape
+    and sizes comes back as `schemas.native.NativeEvent`s (`_parse_native`), which
+    `schemas.native.Normalizer` takes the short way; otherwise (and without limits) as the
+    dicts orjson reads. Both give the same answers and envelopes.
     """
     kind = media_type(content_type)
     if kind in NDJSON_TYPES:
         batch = _parse_ndjson(body)
     elif kind in JSON_TYPES:
-        batch = (native and _parse_native(body)) or _parse_json(body)
+        batch = (native is not None and _parse_native(body, native)) or _parse_json(body)
     else:
         raise UnsupportedMediaType(
             f"Content-Type {kind!r} is not supported; use application/json or application/x-ndjson"
@@ -234,14 +234,12 @@ def _unknown_top_level(doc: dict[str, Any], unknown: set[str]) -> str:
     return detail
 
 
-def _parse_native(body: bytes) -> ParsedBatch | None:
-    """The short way (schemas.events.decode_native): a body whose every event has the right shape,
-    read in compiled code. None: read it the general way, which explains what is wrong. A body
-    with an integer of 19 digits or more goes the general way too, which refuses those beyond
-    64 bits exactly as before."""
-    if _LONG_DIGITS in body.translate(_DIGITS_ONLY):
-        return None
-    native = decode_native(body)
+def _parse_native(body: bytes, limits: EventLimits) -> ParsedBatch | None:
+    """The short way (schemas.native.decode_native): a body whose every event has the right shape
+    and sizes, read in compiled code. None: read it the general way, which explains what is wrong.
+    msgspec reads every integer exactly and its types refuse one beyond 64 bits, so such a body
+    goes the general way too, which names it as before."""
+    native = decode_native(body, limits)
     if native is None:
         return None
     events, sent_at = native

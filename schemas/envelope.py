@@ -19,6 +19,7 @@ ERROR_HEADER = "tally-error"
 _PREFIX = b'{"v":1,"events":['
 _SUFFIX = b"]}"
 _OVERHEAD = len(_PREFIX) + len(_SUFFIX)
+OVERHEAD = _OVERHEAD  # an envelope's bytes beyond its events and the commas between them
 
 
 class EnvelopeError(ValueError):
@@ -42,6 +43,20 @@ def pack(encoded_events: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
         size += added
     if chunk:
         yield _PREFIX + b",".join(chunk) + _SUFFIX
+
+
+def wrap(events_array: bytes) -> bytes:
+    """The value of one envelope whose events are `events_array`, a JSON array of encoded events."""
+    return _PREFIX[:-1] + events_array + _SUFFIX[1:]
+
+
+def pack_all(encoded_events: list[bytes], max_bytes: int) -> list[bytes]:
+    """`pack`'s values as a list; a batch that fits one envelope (the usual case) in one join."""
+    if not encoded_events:
+        return []
+    if sum(map(len, encoded_events)) + len(encoded_events) - 1 + _OVERHEAD <= max_bytes:
+        return [_PREFIX + b",".join(encoded_events) + _SUFFIX]
+    return list(pack(encoded_events, max_bytes))
 
 
 def headers(request_id: str) -> list[tuple[str, bytes]]:

@@ -1,7 +1,8 @@
-"""The short way (msgspec structs, `_normalize_native`) against the general way (orjson dicts,
-`normalize_event`), which is the oracle: for any body, valid, invalid or hostile, both give
-the same 400/413, the same accept/reject decision per event, the same reason, and events of
-the same JSON value (numbers included, -0.0 apart from 0.0) whatever bytes carry them.
+"""The short way (msgspec structs, `schemas.native.Normalizer`) against the general way (orjson
+dicts, `normalize_event` one event at a time, as ingest did before schemas.native), which is
+the oracle: for any body, valid, invalid or hostile, both give the same 400/413, the same
+accept/reject decision per event, the same reason, and envelopes of the same JSON value
+(numbers included, -0.0 apart from 0.0) whatever bytes carry them.
 
 Random event ids cannot match between two runs, so an event the producer gave no usable id
 is compared without it (and its id checked to be a lowercase UUID4). TALLY_DIFF_EXAMPLES sets
@@ -22,7 +23,9 @@ from hypothesis import strategies as st
 
 from core.problems import TallyError
 from ingest.body import parse_batch
-from schemas.events import EventLimits, InvalidEvent, NativeEvent, assign_event_id, normalize_event
+from schemas import envelope
+from schemas.events import UNPARSABLE, EventLimits, InvalidEvent, normalize_event
+from schemas.native import NativeEvent, Normalizer, StoredEvent
 
 EXAMPLES = int(os.environ.get("TALLY_DIFF_EXAMPLES", "2000"))
 NOW = 1_796_000_000_000
@@ -33,6 +36,7 @@ LIMITS = EventLimits(
 )
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 EXAMPLES_RUN = [0]
+ENVELOPE_MAX = 1_500  # small, so that a batch often needs several envelopes
 
 # --- bodies as JSON text, so that duplicate keys, odd numbers and hostile bytes can be spelled ---
 
@@ -77,6 +81,8 @@ def _ts() -> st.SearchStrategy[str]:
     near = st.integers(NOW - 4_000_000, NOW + 400_000)
     return st.one_of(
         near.map(str), near.map(lambda ms: str(ms // 1000)), st.integers(-(2**40), 2**45).map(str),
+        st.sampled_from(["9223372036854775807", "9223372036854775808", "-9223372036854775808",
+                         "1180591620717411303424"]),  # 64 bits' edges, and beyond
         st.sampled_from(['"2026-11-30T10:00:00Z"', '"2026-11-30T10:00:00"', '"yesterday"', "true", "1.5e12",
                          f'"{orjson.dumps(NOW).decode()}"', "null"]),
     )
@@ -154,38 +160,64 @@ def bodies(draw: st.DrawFn) -> bytes:
 
 # --- the comparison ---
 
+def _derived(index: int) -> str:
+    return str(uuid.UUID(int=index + 1))  # stands for an Idempotency-Key's derived ids
+
+
+def _expected_id(raw: Any, index: int, key: bool) -> str | None:
+    """The id an accepted event must carry, or None where it must be a random UUID4."""
+    fields = raw.as_raw() if isinstance(raw, NativeEvent) else raw
+    if "event_id" not in fields:
+        return _derived(index) if key else None
+    value = fields["event_id"]
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return value  # the event is refused: never looked at
+
+
 def outcome(body: bytes, *, native: bool, key: bool) -> tuple[str, Any]:
     try:
-        batch = parse_batch(body, "application/json", max_events=5, native=native)
+        batch = parse_batch(body, "application/json", max_events=5, native=LIMITS if native else None)
     except TallyError as exc:
         return "refused", (type(exc).__name__, str(exc))
-    if native:
-        assert all(isinstance(e, NativeEvent) for e in batch.events) or not any(
-            isinstance(e, NativeEvent) for e in batch.events
-        )
+    kinds = {type(e) for e in batch.events}
+    assert not native or not kinds & {dict} or not any(isinstance(e, NativeEvent) for e in batch.events)
     skew = 0 if batch.sent_at_ms is None else NOW - batch.sent_at_ms
-    results: list[Any] = []
-    for index, raw in enumerate(batch.events):
-        if key:
-            assign_event_id(raw, lambda i=index: str(uuid.UUID(int=i + 1)))  # type: ignore[misc]
-        given_id = _given_id(raw)
-        try:
-            encoded = normalize_event(raw, NOW, LIMITS, skew)
-        except InvalidEvent as exc:
-            results.append(("rejected", str(exc), exc.reason))
-            continue
-        event = orjson.loads(encoded)
-        if given_id is None:
+    expected = {i: _expected_id(raw, i, key) for i, raw in enumerate(batch.events) if isinstance(raw, dict | NativeEvent)}
+    if native:
+        normalizer = Normalizer(batch.events, NOW, LIMITS, skew, _derived if key else None)
+        normalizer.run(0, len(batch.events))
+        done = normalizer.finish(ENVELOPE_MAX)
+        values, rejected = done.values, [(i, str(exc), exc.reason) for i, exc in done.rejected]
+    else:
+        encoded: list[bytes] = []
+        rejected = []
+        for index, raw in enumerate(batch.events):
+            if raw is UNPARSABLE:
+                continue
+            if key and isinstance(raw, dict) and "event_id" not in raw:
+                raw["event_id"] = _derived(index)
+            try:
+                encoded.append(normalize_event(raw, NOW, LIMITS, skew))
+            except InvalidEvent as exc:
+                rejected.append((index, str(exc), exc.reason))
+        values = list(envelope.pack(encoded, ENVELOPE_MAX))
+    refused = {i for i, _, _ in rejected}
+    accepted_at = [i for i in sorted(expected) if i not in refused]
+    events = [event for value in values for event in envelope.unpack(value)]
+    assert len(events) == len(accepted_at)
+    shown = []
+    for index, event in zip(accepted_at, events, strict=True):
+        given = expected[index]
+        if given is None:
             assert UUID4.fullmatch(event.pop("event_id")), event
-        results.append(("accepted", orjson.dumps(event), len(encoded)))
-    return "parsed", (batch.sent_at_ms, batch.line_errors, results)
-
-
-def _given_id(raw: Any) -> Any:
-    value = raw.as_raw().get("event_id") if isinstance(raw, NativeEvent) else (
-        raw.get("event_id") if isinstance(raw, dict) else None
-    )
-    return value if isinstance(value, str) else None
+        else:
+            assert event["event_id"] == given, (event, given)
+        shown.append(orjson.dumps(event))
+    return "parsed", (batch.sent_at_ms, batch.line_errors, rejected, shown, [len(v) for v in values])
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -196,13 +228,18 @@ def test_native_and_general_agree_on_any_body(body: bytes, key: bool) -> None:
 
 
 def test_valid_bodies_take_the_short_way() -> None:
-    """Not a vacuous comparison: the usual body is read by msgspec, and ends the same."""
+    """Not a vacuous comparison: the usual body is read by msgspec and normalized without the
+    general way, and ends the same."""
     body = orjson.dumps({"events": [
         {"type": "purchase", "source": "web", "ts": NOW - 5, "properties": {"amount": 9.99, "x": [1, {"y": -0.0}]}},
         {"type": "tap", "event_id": "6f1c0e3e-1a2b-4c3d-8e4f-5a6b7c8d9e0f", "user_id": "u1"},
+        {"type": "tap", "ts": "2026-11-30T01:53:19.123+01:00", "session_id": None},  # NOW - 877 ms
     ]})
-    batch = parse_batch(body, "application/json", max_events=5, native=True)
-    assert [type(e) for e in batch.events] == [NativeEvent, NativeEvent]
+    batch = parse_batch(body, "application/json", max_events=5, native=LIMITS)
+    assert all(isinstance(e, NativeEvent) for e in batch.events) and len(batch.events) == 3
+    normalizer = Normalizer(batch.events, NOW, LIMITS)
+    normalizer.run(0, 3)
+    assert [type(e) for e in normalizer.kept] == [StoredEvent, StoredEvent, StoredEvent]
     assert outcome(body, native=True, key=False) == outcome(body, native=False, key=False)
 
 

@@ -1,0 +1,100 @@
+"""Profile `tally ingest` under the ingest benchmark's load: a flame graph and a table of shares.
+
+    .venv/bin/python -m bench.profile [--seconds 20] [--batch 100] [--connections 16] [--out build]
+
+It starts an embedded broker and Valkey, one `tally ingest --workers 1` (auth off, the rate
+limiter on, as the benchmark runs it), drives it with `bench.loadgen` and samples the worker
+with py-spy (`--native` off, 250 Hz). It writes `build/ingest-profile.svg` (the flame graph),
+`build/ingest-profile.txt` (py-spy's raw collapsed stacks) and prints the functions that hold
+the most samples, callees included, beside the request rate and CPU per request of the run.
+py-spy needs ptrace: root, or `kernel.yama.ptrace_scope=0`. `make profile` runs this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.ingest_throughput import make_bodies, start_server, stop_server
+from bench.loadgen import run_load
+from bench.procs import cpu_seconds
+from core import devstack
+from core.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shares(collapsed: Path, top: int) -> list[tuple[str, float]]:
+    """The functions present in the most samples (each counted once per stack), as shares."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        for frame in set(stack.split(";")):
+            inclusive[frame] += n
+    return [(frame, n / total) for frame, n in inclusive.most_common(top)] if total else []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=REPO / "build")
+    args = parser.parse_args()
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        sys.exit("py-spy is not installed: .venv/bin/pip install py-spy (make profile does)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tally-profile-"))
+    kafka = devstack.kafka(devstack.free_port()).start()
+    redis = devstack.redis(devstack.free_port()).start()
+    settings = Settings(env="test", kafka_bootstrap=kafka.url, redis_url=redis.url, topic="profile.events",
+                        drain_seconds=0, topic_partitions=6, auth=False, log_level="warning",
+                        rate_limit_events_per_second=100_000_000)
+    port = devstack.free_port()
+    server = start_server("tally", 1, settings, port, tmp / "server.log")
+    try:
+        bodies = make_bodies(args.batch)
+        run_load("127.0.0.1", port, "/v1/events", bodies, seconds=2, warmup=1, connections=args.connections)
+        raw = args.out / "ingest-profile.txt"
+        svg = args.out / "ingest-profile.svg"
+        spy = [py_spy, "record", "--pid", str(server.pid), "--rate", str(args.rate),
+               "--duration", str(int(args.seconds)), "--nonblocking"]
+        recorders = [subprocess.Popen([*spy, "--format", fmt, "--output", str(path)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for fmt, path in (("raw", raw), ("flamegraph", svg))]
+        cpu_before = cpu_seconds(server.pid)
+        started = time.monotonic()
+        load = run_load("127.0.0.1", port, "/v1/events", bodies, seconds=args.seconds, warmup=0,
+                        connections=args.connections)
+        cpu = cpu_seconds(server.pid) - cpu_before
+        wall = time.monotonic() - started
+        for recorder in recorders:
+            recorder.wait(60)
+    finally:
+        stop_server(server)
+        kafka.stop()
+        redis.stop()
+    rate = load.ok(202) / load.seconds
+    print(f"{load.ok(202)} requests of {args.batch} events in {load.seconds:.1f} s: {rate:,.0f} req/s, "
+          f"server {100 * cpu / wall:.0f} % of a core, {1e6 * cpu / max(load.ok(202), 1):,.0f} µs CPU per request "
+          f"({1e6 * cpu / max(load.ok(202) * args.batch, 1):.2f} µs per event, sampling included)")
+    print(f"flame graph: {svg}\nraw stacks: {raw}\n")
+    print("share of samples (callees included):")
+    for frame, share in shares(raw, args.top):
+        print(f"  {100 * share:5.1f} %  {frame}")
+
+
+if __name__ == "__main__":
+    main()
