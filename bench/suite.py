@@ -124,9 +124,11 @@ def ingest_figures(row: dict[str, Any]) -> list[Figure]:
 
     def cond(p: dict[str, Any]) -> str:
         workers = "+".join(str(v) for v in p["worker_cpu_percent"]) if p["workers"] > 1 else p["server_cpu_percent"]
+        per_event = p["server_cpu_percent"] / 100 / p["events_per_s"] * 1e6 if p["events_per_s"] else float("nan")
         return (f"{p['connections']} conns; CPU % of a core: loadgen {p['loadgen_cpu_percent']}, "
-                f"server {workers}")
+                f"server {workers}; server CPU {per_event:.2f} µs/event")
 
+    codec = row.get("producer_compression", "none")
     for p in row["phases"]:
         if p["server"] != "tally":
             continue
@@ -135,7 +137,7 @@ def ingest_figures(row: dict[str, Any]) -> list[Figure]:
         lat = f"p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms"
         out.append(Figure("ingest", f"Tally ingest {tag}", p["events_per_s"], "ev/s", "bare aiokafka producer",
                           p["producer_events_per_s"], key=f"ingest_{w}w_{b}_vs_producer", detail=lat,
-                          conditions=cond(p) + "; producer: same envelopes, acks=all, 32 in flight"))
+                          conditions=cond(p) + f"; producer: same envelopes, acks=all, {codec}, 32 in flight"))
         noop = find("noop", w, b)
         if noop is not None:
             target = ">= 0.30" if (w, b) == (1, 100) else ""

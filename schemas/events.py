@@ -277,8 +277,13 @@ def normalize_event(raw: Any, received_at_ms: int, limits: EventLimits, skew_ms:
 
     encoded = encode_event(event)
     if len(encoded) > limits.max_event_bytes:
-        raise InvalidEvent(f"event is {len(encoded)} bytes; the limit is {limits.max_event_bytes}", "too_large")
+        raise too_large(len(encoded), limits)
     return encoded
+
+
+def too_large(size: int, limits: EventLimits) -> InvalidEvent:
+    """The refusal of an event whose stored form (`encode_event`) is `size` bytes, over the limit."""
+    return InvalidEvent(f"event is {size} bytes; the limit is {limits.max_event_bytes}", "too_large")
 
 
 def lookup(event: dict[str, Any], keys: tuple[str, ...]) -> Any:

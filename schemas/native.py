@@ -4,8 +4,8 @@ A JSON body is decoded by msgspec straight into `NativeEvent` structs whose type
 event limits (short-field lengths, the property tree's count, depth, key and string lengths,
 the 64-bit integer range), so those rules cost nothing in Python. `Normalizer` then checks a
 batch's events (type, id, time window), fills in what the server adds (`event_id`,
-`received_at`, `ts` in epoch ms) as `StoredEvent`s, and `finish` encodes each with one msgspec
-call and packs the envelopes.
+`received_at`, `ts` in epoch ms) in the structs themselves, and `finish` encodes them (one
+msgspec call for a usual batch) and packs the envelopes.
 
 Anything not plainly valid here (a body out of shape, an id to canonicalize, a time outside the
 window, an event over the size limit, a dict from the general reader) is handed to
@@ -35,6 +35,7 @@ from schemas.events import (
     next_event_id,
     normalize_event,
     parse_ts,
+    too_large,
 )
 
 _UNSET = msgspec.UNSET
@@ -50,38 +51,31 @@ _VALID_TYPES_KEPT = 10_000
 ONE_CALL_EVENTS = 200
 
 
-class NativeEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """One event as msgspec decodes it: only the known fields, each of its JSON type. The
-    decoder of a set of limits (`decoder`) narrows the types of the last five fields.
+class NativeEvent(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+    """One event as msgspec decodes it, and as it is stored once `Normalizer` accepted it.
 
-    `event_id` is UNSET when absent and None when sent as null: an Idempotency-Key derives an
-    id only for the first (as for a dict without the key)."""
+    Read: only the known fields, each of its JSON type (the decoder of a set of limits,
+    `decoder`, narrows the types of all but the first two). `event_id` is UNSET when absent and None
+    when sent as null: an Idempotency-Key derives an id only for the first (as for a dict
+    without the key). `received_at` is the server's: one sent by a producer is refused.
+    Stored: `Normalizer` sets `event_id`, `ts` (epoch ms) and `received_at` in place, and the
+    struct encodes as the envelope's event (README, "The Kafka envelope"): `normalize_event`'s
+    fields in its order, those without a value left out. No copy is made of the event.
+    """
 
     type: str
     event_id: str | msgspec.UnsetType | None = _UNSET
     ts: int | str | None = None
+    received_at: int | msgspec.UnsetType = _UNSET
     source: str | None = None
     user_id: str | None = None
     session_id: str | None = None
     properties: dict[str, Any] | None = None
 
     def as_raw(self) -> dict[str, Any]:
-        """The event as the JSON object it came from (fields sent as null included)."""
+        """The event as the JSON object it came from (fields sent as null included); only for an
+        event not yet normalized."""
         return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not _UNSET}
-
-
-class StoredEvent(msgspec.Struct, omit_defaults=True, gc=False):
-    """An event as the envelope carries it (README, "The Kafka envelope"): the fields in
-    `normalize_event`'s order, those without a value left out."""
-
-    type: str
-    event_id: str
-    ts: int
-    received_at: int
-    source: str | None = None
-    user_id: str | None = None
-    session_id: str | None = None
-    properties: dict[str, Any] | None = None
 
 
 # Any integer a producer may send (|n| < 2^63): msgspec reads integers exactly, and a bigger one
@@ -111,6 +105,7 @@ def decoder(limits: EventLimits) -> msgspec.json.Decoder[Any]:
         "NativeEvent",
         [
             ("ts", _INT64 | str | None, None),
+            ("received_at", _INT64 | msgspec.UnsetType, _UNSET),
             ("source", short, None),
             ("user_id", short, None),
             ("session_id", short, None),
@@ -118,6 +113,7 @@ def decoder(limits: EventLimits) -> msgspec.json.Decoder[Any]:
         ],
         bases=(NativeEvent,),
         forbid_unknown_fields=True,
+        omit_defaults=True,
         gc=False,
     )
     batch: Any = msgspec.defstruct(
@@ -172,7 +168,7 @@ class Normalizer:
         self.limits = limits
         self.skew_ms = skew_ms
         self.derive_id = derive_id
-        self.kept: list[StoredEvent | msgspec.Raw] = []
+        self.kept: list[NativeEvent | msgspec.Raw] = []
         self.indexes: list[int] = []  # of the kept events, for a refusal found when encoding
         self.rejected: list[tuple[int, InvalidEvent]] = []
 
@@ -187,8 +183,8 @@ class Normalizer:
                     self._general(index, raw)
                 continue
             etype = raw.type
-            if etype not in _VALID_TYPES:
-                if not TYPE_PATTERN.fullmatch(etype):
+            if etype not in _VALID_TYPES or raw.received_at is not _UNSET:
+                if raw.received_at is not _UNSET or not TYPE_PATTERN.fullmatch(etype):
                     self._general(index, raw)
                     continue
                 if len(_VALID_TYPES) < _VALID_TYPES_KEPT:
@@ -215,9 +211,8 @@ class Normalizer:
             if ts_ms < earliest or ts_ms > latest:
                 self._general(index, raw)
                 continue
-            kept.append(
-                StoredEvent(etype, event_id, ts_ms, received, raw.source, raw.user_id, raw.session_id, raw.properties)
-            )
+            raw.event_id, raw.ts, raw.received_at = event_id, ts_ms, received
+            kept.append(raw)
             indexes.append(index)
 
     def _general(self, index: int, raw: Any) -> None:
@@ -252,11 +247,6 @@ class Normalizer:
         for index, data in zip(self.indexes, encoded, strict=True):
             if len(data) <= self.limits.max_event_bytes:
                 kept.append(data)
-                continue
-            raw = self.events[index]
-            raw = raw.as_raw() if isinstance(raw, NativeEvent) else raw
-            try:  # refuses it: the general way encodes the same value with the same encoder
-                kept.append(normalize_event(raw, self.received_at_ms, self.limits, self.skew_ms))
-            except InvalidEvent as exc:
-                self.rejected.append((index, exc))
+            else:  # as the general way would: it encodes the same value with the same encoder
+                self.rejected.append((index, too_large(len(data), self.limits)))
         return kept
