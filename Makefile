@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install promtool infra-tools browser dev test test-fast soak lint format clean bench bench-quick screenshots
+.PHONY: install promtool infra-tools browser dev test test-fast soak lint format clean bench bench-quick profile screenshots
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,14 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m bench.suite --quick --gate bench/baseline.json
+
+# The ingest benchmark's load on one `tally ingest` worker under py-spy: build/ingest-profile.svg (a flame
+# graph), build/ingest-profile.txt (raw stacks) and the top functions by share (docs/performance.md).
+# Override the load: make profile PROFILE_ARGS="--batch 1000 --seconds 30"
+PROFILE_ARGS ?=
+profile: install
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -m bench.profile $(PROFILE_ARGS)
 
 format: install
 	$(BIN)/ruff check --fix .

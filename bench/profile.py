@@ -4,9 +4,10 @@
 
 It starts an embedded broker and Valkey, one `tally ingest --workers 1` (auth off, the rate
 limiter on, as the benchmark runs it), drives it with `bench.loadgen` and samples the worker
-with py-spy (`--native` off, 250 Hz). It writes `build/ingest-profile.svg` (the flame graph),
-`build/ingest-profile.txt` (py-spy's raw collapsed stacks) and prints the functions that hold
-the most samples, callees included, beside the request rate and CPU per request of the run.
+with py-spy (250 Hz). It writes `build/ingest-profile.svg` (the flame graph; callers below
+callees) and `build/ingest-profile.txt` (py-spy's raw collapsed stacks), and prints the modules
+and lines that hold the most samples as the innermost frame, beside the request rate and CPU
+per request of the run.
 py-spy needs ptrace: root, or `kernel.yama.ptrace_scope=0`. `make profile` runs this.
 """
 
@@ -30,17 +31,30 @@ from core.settings import Settings
 REPO = Path(__file__).resolve().parent.parent
 
 
-def shares(collapsed: Path, top: int) -> list[tuple[str, float]]:
-    """The functions present in the most samples (each counted once per stack), as shares."""
-    inclusive: collections.Counter[str] = collections.Counter()
+def _module(frame: str) -> str:
+    """`fn (path/to/site-packages/pkg/mod.py:12)` -> `pkg/mod.py`; Tally's own files keep their path."""
+    path = frame[frame.rfind("(") + 1 :].rsplit(":", 1)[0]
+    path = path.split("site-packages/")[-1]
+    return "/".join(path.split("/")[-2:])
+
+
+def shares(collapsed: Path, top: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The functions (at the line sampled) and the modules that the samples were in, innermost
+    frame only ("self" time), as shares of all samples: what to make cheaper, not who called it."""
+    by_frame: collections.Counter[str] = collections.Counter()
+    by_module: collections.Counter[str] = collections.Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         n = int(count)
         total += n
-        for frame in set(stack.split(";")):
-            inclusive[frame] += n
-    return [(frame, n / total) for frame, n in inclusive.most_common(top)] if total else []
+        leaf = stack.rsplit(";", 1)[-1]
+        by_frame[leaf] += n
+        by_module[_module(leaf)] += n
+    if not total:
+        return [], []
+    return ([(f, n / total) for f, n in by_frame.most_common(top)],
+            [(m, n / total) for m, n in by_module.most_common(top)])
 
 
 def main() -> None:
@@ -91,8 +105,12 @@ def main() -> None:
           f"server {100 * cpu / wall:.0f} % of a core, {1e6 * cpu / max(load.ok(202), 1):,.0f} µs CPU per request "
           f"({1e6 * cpu / max(load.ok(202) * args.batch, 1):.2f} µs per event, sampling included)")
     print(f"flame graph: {svg}\nraw stacks: {raw}\n")
-    print("share of samples (callees included):")
-    for frame, share in shares(raw, args.top):
+    frames, modules = shares(raw, args.top)
+    print("share of samples by module (own time):")
+    for module, share in modules:
+        print(f"  {100 * share:5.1f} %  {module}")
+    print("\nshare of samples by function and line (own time):")
+    for frame, share in frames:
         print(f"  {100 * share:5.1f} %  {frame}")
 
 
