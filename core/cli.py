@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from core import devenv, logs
+from core import devenv, logs, servers
 from core.db import exception_chain
 from core.settings import Settings, get_settings
 from schemas.reltime import SPELLING, relative_seconds
@@ -58,24 +58,11 @@ def _prepare_multiprocess_metrics(workers: int) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def _serve(app_path: str, settings: Settings, port: int, workers: int) -> None:
-    import uvicorn
-
+def _serve(app_path: str, settings: Settings, port: int, workers: int, server: str | None) -> None:
+    if server is not None:
+        settings = settings.model_copy(update={"server": server})
     _prepare_multiprocess_metrics(workers)
-    uvicorn.run(
-        app_path,
-        factory=True,
-        host=settings.bind_host,
-        port=port,
-        workers=workers,
-        log_level=settings.log_level,
-        log_config=None,  # the app factory configures logging (core.logs) in each worker
-        loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
-        access_log=False,  # per-request lines cost CPU at ingest rates; metrics count requests
-        server_header=False,  # "Server: uvicorn" tells an attacker what to look up, and a client nothing
-    )
+    servers.serve(app_path, settings, port=port, workers=workers)
 
 
 def _attach_relative_times(argv: Sequence[str]) -> list[str]:
@@ -98,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, what in (("ingest", "the ingest API"), ("query", "the query API")):
         p = sub.add_parser(name, help=f"run {what} against configured servers")
         p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+        p.add_argument(
+            "--server",
+            choices=servers.SERVERS,
+            help=f"the HTTP server (default: TALLY_SERVER, else {servers.DEFAULT_SERVER}); only granian speaks HTTP/2",
+        )
     sub.add_parser("consume", help="run one consumer against configured servers")
     sub.add_parser("migrate", help="create topics, the offsets table and every rollup table")
     backfill = sub.add_parser("backfill", help="fill a new rollup's past from the topic, exactly once")
@@ -251,10 +243,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "ingest":
         auth = ("postgres_url",) if settings.auth else ()  # API keys live in Postgres
         settings.require("kafka_bootstrap", "redis_url", *auth)
-        _serve("ingest.app:app_from_env", settings, settings.ingest_port, args.workers)
+        _serve("ingest.app:app_from_env", settings, settings.ingest_port, args.workers, args.server)
     elif args.command == "query":
         settings.require("kafka_bootstrap", "postgres_url", "redis_url")
-        _serve("query.app:app_from_env", settings, settings.query_port, args.workers)
+        _serve("query.app:app_from_env", settings, settings.query_port, args.workers, args.server)
     elif args.command == "consume":
         consumer = importlib.import_module("consumers.main")
         return int(consumer.serve(settings))

@@ -201,29 +201,62 @@ def ops_router(readiness: ReadinessCheck, *, gating: frozenset[str] | None = Non
 
 
 def drain_on_sigterm(app: FastAPI, seconds: float) -> None:
-    """On SIGTERM, report not ready for `seconds` while still serving, then let uvicorn shut down.
+    """On SIGTERM, report not ready for `seconds` while still serving, then let the server shut down.
 
     A balancer (nginx, a Kubernetes Service) stops sending only after it sees the
     readiness change; stopping to accept at once would refuse the requests already
-    on their way. After the delay uvicorn's own handler runs: no new connections,
+    on their way. After the delay the server's own handler runs: no new connections,
     in-flight requests get TALLY_SHUTDOWN_GRACE_SECONDS, then the lifespan flushes.
     A second SIGTERM or a SIGINT skips the rest of the delay. Call it from the lifespan
-    startup, where uvicorn's handler is installed; it does nothing off the main thread
+    startup, where the server's handler is installed; it does nothing off the main thread
     (an app served from a test's thread).
+
+    uvicorn handles SIGTERM in a Python handler (`signal.signal`): it is called after the
+    delay. A Granian worker has its event loop run one handler for SIGINT and SIGTERM
+    (`loop.add_signal_handler`), which cannot be read back: SIGTERM is taken over in the same
+    loop, and after the delay the worker sends itself SIGINT, which Granian's handler stops on.
     """
     if threading.current_thread() is not threading.main_thread():
         return
-    uvicorn_exit = signal.getsignal(signal.SIGTERM)
-    if not callable(uvicorn_exit):
-        return
     loop = asyncio.get_running_loop()
+    server_exit = signal.getsignal(signal.SIGTERM)
+    if _run_by_loop(server_exit, loop):
+        _drain_in_loop(app, seconds, loop)
+        return
+    if not callable(server_exit):
+        return
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         if getattr(app.state, "draining", False):
-            uvicorn_exit(signum, frame)
+            server_exit(signum, frame)
             return
-        app.state.draining = True
-        log.info("SIGTERM: not ready; serving %.1f s more while balancers notice, then shutting down", seconds)
-        loop.call_soon_threadsafe(loop.call_later, seconds, uvicorn_exit, signum, frame)  # wakes the loop
+        _start_draining(app, seconds)
+        loop.call_soon_threadsafe(loop.call_later, seconds, server_exit, signum, frame)  # wakes the loop
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _run_by_loop(handler: object, loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether `handler` only wakes `loop`, which runs the handler registered with it:
+    asyncio's no-op, or uvloop's method of the loop itself."""
+    asyncio_noop = getattr(asyncio.unix_events, "_sighandler_noop", None)
+    return handler is asyncio_noop or getattr(handler, "__self__", None) is loop
+
+
+def _drain_in_loop(app: FastAPI, seconds: float, loop: asyncio.AbstractEventLoop) -> None:
+    def stop() -> None:
+        signal.raise_signal(signal.SIGINT)  # the server's own stop: Granian treats SIGINT as SIGTERM
+
+    def on_sigterm() -> None:
+        if getattr(app.state, "draining", False):
+            stop()
+            return
+        _start_draining(app, seconds)
+        loop.call_later(seconds, stop)
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
+
+def _start_draining(app: FastAPI, seconds: float) -> None:
+    app.state.draining = True
+    log.info("SIGTERM: not ready; serving %.1f s more while balancers notice, then shutting down", seconds)

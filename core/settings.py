@@ -19,6 +19,7 @@ from schemas.rollups import RollupSpec, load_rollups
 
 DEFAULT_ROLLUPS = Path(__file__).with_name("rollups.toml")
 DEV_CURSOR_SECRET = "tally-dev-cursor-secret"  # noqa: S105 - refused outside env=dev
+Server = Literal["uvicorn", "granian"]  # the HTTP servers core.servers knows
 
 
 class SettingsError(ValueError):
@@ -62,6 +63,11 @@ class Settings(BaseSettings):
     # then no new connections, in-flight requests get shutdown_grace_seconds, then flush and exit.
     drain_seconds: float = Field(5.0, ge=0)
     shutdown_grace_seconds: float = Field(30.0, gt=0)
+    # The HTTP server of ingest and query (core.servers): `--server` on the command line overrides it.
+    server: Server = "uvicorn"
+    # TLS on the service port itself (HTTP/2 by ALPN under Granian); unset: plain HTTP (h2c under Granian).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     # Auth (API keys with scopes, DESIGN §7). On everywhere but `tally dev`.
     auth: bool = True
@@ -185,6 +191,12 @@ class Settings(BaseSettings):
                 f"TALLY_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
                 "TALLY_KAFKA_SASL_USERNAME and TALLY_KAFKA_SASL_PASSWORD"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TALLY_TLS_CERT_FILE and TALLY_TLS_KEY_FILE go together: set both or neither")
         return self
 
     @model_validator(mode="after")
