@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -40,9 +41,16 @@ class TallyProcess:
             time.sleep(0.05)
         return self
 
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.settings.tls_cert_file else 'http'}://127.0.0.1:{self.port}"
+
     def _ready(self) -> bool:
+        cert = self.settings.tls_cert_file  # a test's self-signed certificate is its own authority
+        context = ssl.create_default_context(cafile=str(cert)) if cert else None
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as response:
+            readyz = f"{self.url}/readyz"  # http or https, built here
+            with urllib.request.urlopen(readyz, timeout=2, context=context) as response:  # noqa: S310
                 return bool(response.status == 200)
         except OSError:
             return False

@@ -27,6 +27,10 @@ from tests.processes import TallyProcess, tally_process
 pytestmark = pytest.mark.e2e
 
 DRAIN = 1.5
+SERVERS = pytest.mark.parametrize("server", ["uvicorn", "granian"])
+# uvicorn re-raises the signal once it has shut down gracefully (the conventional "terminated");
+# Granian's supervisor exits 0 once its workers have.
+GRACEFUL_EXIT = {"uvicorn": -signal.SIGTERM, "granian": 0}
 
 
 def json_lines(process: TallyProcess) -> list[dict[str, Any]]:
@@ -57,11 +61,12 @@ def draining(migrated: Settings) -> Settings:
     return migrated.model_copy(update={"drain_seconds": DRAIN, "shutdown_grace_seconds": 10.0, "log_format": "json"})
 
 
-async def test_sigterm_drains_ingest(draining: Settings, tmp_path: Path) -> None:
+@SERVERS
+async def test_sigterm_drains_ingest(draining: Settings, tmp_path: Path, server: str) -> None:
     rng = random.Random(5)
     slow_events = oracle.make_events(rng, 300, int(time.time() * 1000))
     quick_events = oracle.make_events(rng, 20, int(time.time() * 1000))
-    ingest = tally_process("ingest", draining, tmp_path).start()
+    ingest = tally_process("ingest", draining, tmp_path, "--server", server).start()
     url = f"http://127.0.0.1:{ingest.port}"
     first_chunk_sent = asyncio.Event()
 
@@ -96,8 +101,7 @@ async def test_sigterm_drains_ingest(draining: Settings, tmp_path: Path) -> None
         exit_code = ingest.process.wait(15)
     finally:
         ingest.kill()
-    # uvicorn re-raises the signal once it has shut down gracefully: the conventional "terminated".
-    assert exit_code == -signal.SIGTERM
+    assert exit_code == GRACEFUL_EXIT[server]
     records = await read_topic(str(draining.kafka_bootstrap), draining.topic, expect_events=320)
     by_request: dict[str, list[str]] = {}
     for event, headers in records:
@@ -109,7 +113,8 @@ async def test_sigterm_drains_ingest(draining: Settings, tmp_path: Path) -> None
     assert any(line["msg"].startswith("SIGTERM: not ready") and line["service"] == "ingest" for line in lines)
 
 
-async def test_sigterm_lets_a_query_export_finish(draining: Settings, tmp_path: Path) -> None:
+@SERVERS
+async def test_sigterm_lets_a_query_export_finish(draining: Settings, tmp_path: Path, server: str) -> None:
     conn = await asyncpg.connect(str(draining.postgres_url))
     try:
         await conn.execute(
@@ -118,7 +123,7 @@ async def test_sigterm_lets_a_query_export_finish(draining: Settings, tmp_path: 
     finally:
         await conn.close()
     settings = draining.model_copy(update={"max_limit": 100, "default_limit": 100, "max_buckets": 10**6})
-    query = tally_process("query", settings, tmp_path).start()
+    query = tally_process("query", settings, tmp_path, "--server", server).start()
     url = f"http://127.0.0.1:{query.port}"
     params = {"from": "2026-04-01T00:00:00Z", "to": "2026-12-01T00:00:00Z", "format": "csv", "limit": "300000",
               "fields": "bucket,type,count"}
@@ -133,12 +138,12 @@ async def test_sigterm_lets_a_query_export_finish(draining: Settings, tmp_path: 
             await asyncio.sleep(0.3)
             status, body = await readiness(url)
             assert (status, body["draining"]) == (503, True)
-            await asyncio.sleep(DRAIN)  # past the drain: uvicorn now waits for this response only
+            await asyncio.sleep(DRAIN)  # past the drain: the server now waits for this response only
             received += [chunk async for chunk in chunks]
         exit_code = query.process.wait(15)
     finally:
         query.kill()
-    assert exit_code == -signal.SIGTERM
+    assert exit_code == GRACEFUL_EXIT[server]
     assert b"".join(received).count(b"\r\n") == 1 + 200_000  # the header and every row: nothing cut off
 
 

@@ -1,4 +1,5 @@
-"""`tally ingest --workers 2`: one scrape, whichever worker answers it, shows every worker's counts."""
+"""`tally ingest --workers 2`: one scrape, whichever worker answers it, shows every worker's counts,
+on either server (uvicorn spawns its workers, Granian forks them: both start with the directory set)."""
 
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ def accepted_per_process(directory: Path) -> dict[str, float]:
     return out
 
 
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
 async def test_metrics_add_up_across_workers(
-    migrated: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    migrated: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: str
 ) -> None:
     metrics_dir = tmp_path / "prometheus"
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
-    ingest = tally_process("ingest", migrated, tmp_path, "--workers", "2").start()
+    ingest = tally_process("ingest", migrated, tmp_path, "--workers", "2", "--server", server).start()
     try:
         url = f"http://127.0.0.1:{ingest.port}"
         fresh = httpx.Limits(max_keepalive_connections=0)  # a new connection each time: both workers accept
