@@ -10,7 +10,9 @@ same run, on the same broker:
 
     .venv/bin/python -m bench.ingest_throughput [--workers 1 2] [--batch 100 1000] [--seconds 10]
         [--connections 16] [--sweep 1 4 16 64] [--compression none gzip lz4 zstd snappy] [--json out.json]
+        [--server uvicorn|granian]
 
+Every server kind runs on the same HTTP server (`--server`, default Tally's: core.servers).
 Every server gets the same bodies (demo events, all valid), from bench.loadgen in its own
 process(es) (closed loop, keep-alive); the load generator's CPU and the server's are printed
 beside each phase. Tally runs as `tally ingest --workers N` with auth off and the rate limiter
@@ -54,6 +56,7 @@ from bench.loadgen import LoadResult, run_load
 from bench.procs import peak_rss, tree
 from core import devstack
 from core.kafka import ensure_topics
+from core.servers import DEFAULT_SERVER, SERVERS
 from core.settings import Settings
 from schemas import envelope
 from schemas.events import InvalidEvent, normalize_event
@@ -95,7 +98,9 @@ def envelopes_per_body(settings: Settings, bodies: list[bytes]) -> float:
 
 
 async def raw_producer_rate(settings: Settings, bodies: list[bytes], seconds: float) -> float:
-    """Events/s of a bare producer: the same normalized envelopes, acks=all, 32 sends in flight."""
+    """Events/s of a bare producer: the same normalized envelopes, acks=all, 32 sends in flight,
+    compressed with Tally's codec (TALLY_KAFKA_COMPRESSION): compressing is the Kafka client's
+    work, which the limit must do too."""
     now = int(time.time() * 1000)
     values = []
     events = 0
@@ -107,8 +112,9 @@ async def raw_producer_rate(settings: Settings, bodies: list[bytes], seconds: fl
         values.extend(envelope.pack(encoded, settings.envelope_max_bytes))
         events += len(encoded)
     per_value = events / len(values)
+    codec = None if settings.kafka_compression == "none" else settings.kafka_compression
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=2,
-                                max_request_size=2 * 1024 * 1024)
+                                max_request_size=2 * 1024 * 1024, compression_type=codec)
     await producer.start()
     sent = 0
     try:
@@ -179,13 +185,15 @@ def _get_ok(port: int, path: str) -> bool:
     return False
 
 
-def spawn_server(kind: str, workers: int, settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
-    """One server under test, started (see `wait_ready`)."""
+def spawn_server(kind: str, workers: int, settings: Settings, port: int, log: Path,
+                 server: str = DEFAULT_SERVER) -> subprocess.Popen[bytes]:
+    """One server under test, started (see `wait_ready`), on the HTTP server `server` (every kind alike)."""
     if kind == "tally":
-        argv = [sys.executable, "-m", "core.cli", "ingest", "--workers", str(workers)]
+        argv = [sys.executable, "-m", "core.cli", "ingest", "--workers", str(workers), "--server", server]
         env = settings.model_copy(update={"ingest_port": port}).process_env()
     else:
-        argv = [sys.executable, "-m", f"bench.{kind}_app", "--port", str(port), "--workers", str(workers)]
+        argv = [sys.executable, "-m", f"bench.{kind}_app", "--port", str(port), "--workers", str(workers),
+                "--server", server]
         env = {**os.environ, "BENCH_KAFKA": str(settings.kafka_bootstrap), "BENCH_TOPIC": settings.topic}
     with log.open("ab") as out:
         return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
@@ -204,8 +212,9 @@ def wait_ready(kind: str, port: int, proc: subprocess.Popen[bytes], log: Path) -
         time.sleep(0.05)
 
 
-def start_server(kind: str, workers: int, settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
-    proc = spawn_server(kind, workers, settings, port, log)
+def start_server(kind: str, workers: int, settings: Settings, port: int, log: Path,
+                 server: str = DEFAULT_SERVER) -> subprocess.Popen[bytes]:
+    proc = spawn_server(kind, workers, settings, port, log, server)
     wait_ready(kind, port, proc, log)
     return proc
 
@@ -281,7 +290,7 @@ def run(
     rewarm: float = 0.5,
     connections: int = 16, sweep: Sequence[int] = (), sweep_seconds: float = 3.0,
     sweep_servers: Sequence[tuple[str, int]] = (("tally", 1), ("tally", 2), ("noop", 1), ("naive", 1)),
-    compressions: Sequence[str] | None = None,
+    compressions: Sequence[str] | None = None, server: str = DEFAULT_SERVER,
     tmp: Path | None = None, log: Any = print,
 ) -> dict[str, Any]:
     """For each worker count, every server kind at once (idle but for the one loaded); for each
@@ -340,7 +349,8 @@ def run(
                 for kind, c in slots:  # started together, then waited for
                     port = devstack.free_port()
                     config = own[c] if kind == "tally" else group
-                    servers[kind, c] = (port, spawn_server(kind, w, config, port, tmp / f"{kind}-{c}-{w}.log"))
+                    servers[kind, c] = (port, spawn_server(kind, w, config, port, tmp / f"{kind}-{c}-{w}.log",
+                                                           server))
                 for (kind, c), (port, proc) in servers.items():
                     wait_ready(kind, port, proc, tmp / f"{kind}-{c}-{w}.log")
                 for b in batches:
@@ -381,7 +391,7 @@ def run(
             port = devstack.free_port()
             group = settings.model_copy(update={"topic": f"bench.events.sweep.{kind}.{w}w"})
             asyncio.run(ensure_topics(group, [group.topic]))
-            proc = start_server(kind, w, group, port, tmp / f"{kind}-{w}-sweep.log")
+            proc = start_server(kind, w, group, port, tmp / f"{kind}-{w}-sweep.log", server)
             try:
                 for i, c in enumerate(sweep):
                     phase = Phase(kind, w, 100, c, proc.pid)
@@ -398,8 +408,9 @@ def run(
     finally:
         kafka.stop()
         redis.stop()
-    return {"benchmark": "ingest", "cores": os.cpu_count(), "connections": connections, "seconds": seconds,
-            "warmup": warmup, "rounds": rounds, "compressions": codecs,
+    return {"benchmark": "ingest", "http_server": server, "cores": os.cpu_count(), "connections": connections,
+            "seconds": seconds,
+            "warmup": warmup, "rounds": rounds, "compressions": codecs, "producer_compression": codecs[0],
             "bare_producer_events_per_s": {b: round(sum(v) / len(v)) for b, v in producer.items()},
             "phases": phases, "sweep": sweeps, "memory": memory, "auth": False, "rate_limiter": True}
 
@@ -431,9 +442,11 @@ def phase_line(p: dict[str, Any]) -> str:
 
 def report(row: dict[str, Any]) -> Iterable[str]:
     yield (f"{row['cores']} cores shared by everything; {row['connections']} connections, {row['seconds']:g} s per "
-           f"phase after {row['warmup']:g} s warm-up; Tally: auth off, rate limiter on")
+           f"phase after {row['warmup']:g} s warm-up; every server on {row.get('http_server', 'uvicorn')}; "
+           "Tally: auth off, rate limiter on")
     for b, rate in row["bare_producer_events_per_s"].items():
-        yield f"bare aiokafka producer, same envelopes of {b}-event batches, acks=all: {rate:,} events/s"
+        yield (f"bare aiokafka producer, same envelopes of {b}-event batches, acks=all, "
+               f"{row.get('producer_compression', 'none')}: {rate:,} events/s")
     for p in row["phases"]:
         yield phase_line(p)
     for p in row["phases"]:
@@ -486,11 +499,13 @@ def main() -> None:
     parser.add_argument("--compression", nargs="+", default=None, choices=CODECS,
                         help="a Tally server per codec (TALLY_KAFKA_COMPRESSION), each beside the first "
                              "(list none first) in every round; default: the settings' default alone")
+    parser.add_argument("--server", default=DEFAULT_SERVER, choices=SERVERS,
+                        help=f"the HTTP server of every server kind (default: Tally's, {DEFAULT_SERVER})")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     row = run(workers=args.workers, batches=args.batch, kinds=args.servers, seconds=args.seconds,
               warmup=args.warmup, rounds=args.rounds, connections=args.connections, sweep=args.sweep,
-              compressions=args.compression)
+              compressions=args.compression, server=args.server)
     print()
     for line in report(row):
         print(line)
