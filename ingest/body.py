@@ -23,9 +23,10 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect
 
+from core.looplag import in_slices
 from core.problems import BadRequest, PayloadTooLarge, TallyError, UnsupportedMediaType
 from schemas.events import KNOWN_FIELDS, MAX_SAFE_NUMBER, UNPARSABLE, EventLimits, parse_sent_at
-from schemas.native import decode_native
+from schemas.native import LAZY_BODY_BYTES, NotNative, decode_native, decode_slice
 
 JSON_TYPES = frozenset({"application/json", ""})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
@@ -48,6 +49,9 @@ class ParsedBatch:
     line_errors: dict[int, str] = field(default_factory=dict)
     sent_at_ms: int | None = None  # the producer's clock when it sent the batch
     reasons: dict[int, str] = field(default_factory=dict)  # metrics reason of a line error; default "json"
+    # Set while the events are still raw JSON (a big body, read lazily): `parse_batch_yielding`
+    # reads them under these limits.
+    lazy: EventLimits | None = None
 
     def refuse(self, index: int, error: str, reason: str) -> None:
         self.events[index] = UNPARSABLE
@@ -133,24 +137,53 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-def parse_batch(body: bytes, content_type: str, *, max_events: int, native: EventLimits | None = None) -> ParsedBatch:
+async def parse_batch_yielding(
+    body: bytes, content_type: str, *, max_events: int, native: EventLimits, lazy_above: int = LAZY_BODY_BYTES
+) -> ParsedBatch:
+    """`parse_batch` on the event loop: a JSON body over `lazy_above` bytes has its events read a
+    slice at a time, letting other requests in between (`core.looplag.in_slices`). If one of
+    them is not plainly valid, the whole body is read the general way, as `parse_batch` would."""
+    batch = parse_batch(body, content_type, max_events=max_events, native=native, lazy_above=lazy_above)
+    limits = batch.lazy
+    if limits is None:
+        return batch
+    try:
+        await in_slices(lambda start, stop: decode_slice(batch.events, start, stop, limits), len(batch.events))
+    except NotNative:
+        return parse_batch(body, content_type, max_events=max_events)
+    batch.lazy = None
+    return batch
+
+
+def parse_batch(
+    body: bytes,
+    content_type: str,
+    *,
+    max_events: int,
+    native: EventLimits | None = None,
+    lazy_above: int | None = None,
+) -> ParsedBatch:
     """Split a body into raw events. Only a body that cannot be split at all is a 400.
 
     `native`: the event limits under which a JSON body whose events all have the right shape
     and sizes comes back as `schemas.native.NativeEvent`s (`_parse_native`), which
     `schemas.native.Normalizer` takes the short way; otherwise (and without limits) as the
-    dicts orjson reads. Both give the same answers and envelopes.
+    dicts orjson reads. Both give the same answers and envelopes. A body over `lazy_above`
+    bytes comes back with its events still raw (`ParsedBatch.lazy`; `parse_batch_yielding`).
     """
     kind = media_type(content_type)
     if kind in NDJSON_TYPES:
         batch = _parse_ndjson(body)
     elif kind in JSON_TYPES:
-        batch = (native is not None and _parse_native(body, native)) or _parse_json(body)
+        lazy = lazy_above is not None and len(body) > lazy_above
+        batch = (native is not None and _parse_native(body, native, lazy=lazy)) or _parse_json(body)
     else:
         raise UnsupportedMediaType(
             f"Content-Type {kind!r} is not supported; use application/json or application/x-ndjson"
         )
     if len(batch.events) > max_events:
+        if batch.lazy is not None:  # its events are unread: the general way says 400 or 413, as ever
+            return parse_batch(body, content_type, max_events=max_events)
         raise PayloadTooLarge(f"batch has {len(batch.events)} events; the limit is {max_events}")
     return batch
 
@@ -234,12 +267,12 @@ def _unknown_top_level(doc: dict[str, Any], unknown: set[str]) -> str:
     return detail
 
 
-def _parse_native(body: bytes, limits: EventLimits) -> ParsedBatch | None:
+def _parse_native(body: bytes, limits: EventLimits, *, lazy: bool = False) -> ParsedBatch | None:
     """The short way (schemas.native.decode_native): a body whose every event has the right shape
     and sizes, read in compiled code. None: read it the general way, which explains what is wrong.
     msgspec reads every integer exactly and its types refuse one beyond 64 bits, so such a body
     goes the general way too, which names it as before."""
-    native = decode_native(body, limits)
+    native = decode_native(body, limits, lazy=lazy)
     if native is None:
         return None
     events, sent_at = native
@@ -247,7 +280,7 @@ def _parse_native(body: bytes, limits: EventLimits) -> ParsedBatch | None:
         sent_at_ms = None if sent_at is None else parse_sent_at(sent_at)
     except ValueError:
         return None
-    return ParsedBatch(events, sent_at_ms=sent_at_ms)
+    return ParsedBatch(events, sent_at_ms=sent_at_ms, lazy=limits if lazy else None)
 
 
 def _parse_json(body: bytes) -> ParsedBatch:

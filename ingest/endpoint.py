@@ -22,7 +22,7 @@ from core.auth import KeyStore, Principal, authorize
 from core.looplag import in_slices
 from core.problems import PROBLEM_JSON, TallyError, Unprocessable, problem_for, problem_response
 from core.settings import Settings
-from ingest.body import ParsedBatch, media_type, parse_batch, read_body
+from ingest.body import ParsedBatch, media_type, parse_batch_yielding, read_body
 from ingest.idempotency import IdempotencyStore, StoredResponse, derived_event_id, fingerprint, validate_key
 from ingest.ratelimit import RateLimiter
 from ingest.writer import KafkaWriter
@@ -114,7 +114,7 @@ async def _post(scope: Scope, receive: Receive) -> _Answer:
         deadline_seconds=settings.body_timeout_seconds,
     )
     content_type = headers.get(b"content-type", "")
-    batch = parse_batch(body, content_type, max_events=settings.max_events, native=ingest["limits"])
+    batch = await parse_batch_yielding(body, content_type, max_events=settings.max_events, native=ingest["limits"])
 
     if key is None:
         return await _ingest(state, principal, batch, None)

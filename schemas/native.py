@@ -97,11 +97,21 @@ def _property_type(limits: EventLimits) -> Any:
     return Annotated[dict[key, value], Meta(max_length=limits.max_properties)]
 
 
+_SENT_AT = _INT64 | str | None
+# A body bigger than this is read in two steps (`decode_native(lazy=True)`, then `decode_slice`),
+# so that reading it can yield to the event loop: 1.2 MB of events take ~7 ms in one call.
+LAZY_BODY_BYTES = 256 * 1024
+_NOT_PLAIN = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+
+class NotNative(Exception):
+    """A lazily read body holds an event that is not plainly valid: read it the general way."""
+
+
 @functools.cache
-def decoder(limits: EventLimits) -> msgspec.json.Decoder[Any]:
-    """The body decoder for one set of limits: `{"events": [...], "sent_at": ...}` or `[...]`."""
+def _event_type(limits: EventLimits) -> Any:
     short = Annotated[str, Meta(max_length=limits.max_short_chars)] | None
-    event: Any = msgspec.defstruct(
+    return msgspec.defstruct(
         "NativeEvent",
         [
             ("ts", _INT64 | str | None, None),
@@ -116,24 +126,54 @@ def decoder(limits: EventLimits) -> msgspec.json.Decoder[Any]:
         omit_defaults=True,
         gc=False,
     )
+
+
+def _batch_decoder(event: Any) -> msgspec.json.Decoder[Any]:
+    """`{"events": [...], "sent_at": ...}` or `[...]`, each event an `event`."""
     batch: Any = msgspec.defstruct(
-        "NativeBatch",
-        [("events", list[event]), ("sent_at", _INT64 | str | None, None)],
-        forbid_unknown_fields=True,
-        gc=False,
+        "NativeBatch", [("events", list[event]), ("sent_at", _SENT_AT, None)], forbid_unknown_fields=True, gc=False
     )
     return msgspec.json.Decoder(batch | list[event])
 
 
-def decode_native(body: bytes, limits: EventLimits) -> tuple[list[NativeEvent], Any] | None:
+@functools.cache
+def decoder(limits: EventLimits) -> msgspec.json.Decoder[Any]:
+    """The body decoder for one set of limits."""
+    return _batch_decoder(_event_type(limits))
+
+
+@functools.cache
+def _lazy_decoder() -> msgspec.json.Decoder[Any]:
+    """A body's shape only, its events left as their raw JSON (checked to be JSON, no more)."""
+    return _batch_decoder(msgspec.Raw)
+
+
+@functools.cache
+def _events_decoder(limits: EventLimits) -> msgspec.json.Decoder[Any]:
+    event = _event_type(limits)
+    return msgspec.json.Decoder(list[event])  # type: ignore[valid-type]
+
+
+def decode_native(body: bytes, limits: EventLimits, *, lazy: bool = False) -> tuple[list[Any], Any] | None:
     """A JSON body's events and `sent_at`, when every event has the shape and sizes the limits
     allow; None otherwise (not JSON, another top level, any event out of shape or over a limit),
-    and the caller reads the body the general way, which names what is wrong."""
+    and the caller reads the body the general way, which names what is wrong.
+
+    `lazy`: the events come back as `msgspec.Raw`, to be read a slice at a time by `decode_slice`,
+    which raises NotNative where this would have returned None."""
     try:
-        doc = decoder(limits).decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        doc = (_lazy_decoder() if lazy else decoder(limits)).decode(body)
+    except _NOT_PLAIN:
         return None
     return (doc, None) if isinstance(doc, list) else (doc.events, doc.sent_at)
+
+
+def decode_slice(events: list[Any], start: int, stop: int, limits: EventLimits) -> None:
+    """Read `events[start:stop]`, left raw by `decode_native(lazy=True)`, into NativeEvents in place."""
+    try:
+        events[start:stop] = _events_decoder(limits).decode(b"[" + b",".join(events[start:stop]) + b"]")
+    except _NOT_PLAIN:
+        raise NotNative from None
 
 
 @dataclass
@@ -149,7 +189,8 @@ class Normalizer:
     """Checks and normalizes one batch's events, `run(start, stop)` a slice at a time (so a big
     batch can yield to the event loop between slices), then `finish` encodes and packs them.
 
-    `derive_id(index)` gives an event sent without an `event_id` its id (an Idempotency-Key's
+    A batch of more than `one_call_events` is encoded slice by slice in `run`, a smaller one in
+    one call in `finish`. `derive_id(index)` gives an event sent without an `event_id` its id (an Idempotency-Key's
     derived ids); otherwise such an event, or one whose id is null, gets a random UUID4.
     Events that are `UNPARSABLE` (an NDJSON line that is not JSON) are skipped: the reader
     has already refused them.
@@ -162,6 +203,8 @@ class Normalizer:
         limits: EventLimits,
         skew_ms: int = 0,
         derive_id: Callable[[int], str] | None = None,
+        *,
+        one_call_events: int = ONE_CALL_EVENTS,
     ) -> None:
         self.events = events
         self.received_at_ms = received_at_ms
@@ -171,6 +214,8 @@ class Normalizer:
         self.kept: list[NativeEvent | msgspec.Raw] = []
         self.indexes: list[int] = []  # of the kept events, for a refusal found when encoding
         self.rejected: list[tuple[int, InvalidEvent]] = []
+        # A big batch is encoded slice by slice as it is checked, so `finish` holds the loop less.
+        self.encoded: list[bytes] | None = [] if len(events) > one_call_events else None
 
     def run(self, start: int, stop: int) -> None:
         events, kept, indexes, derive = self.events, self.kept, self.indexes, self.derive_id
@@ -214,6 +259,8 @@ class Normalizer:
             raw.event_id, raw.ts, raw.received_at = event_id, ts_ms, received
             kept.append(raw)
             indexes.append(index)
+        if self.encoded is not None:
+            self.encoded += map(encode_event, kept[len(self.encoded) :])
 
     def _general(self, index: int, raw: Any) -> None:
         """`normalize_event` decides: the event's bytes, or its refusal."""
@@ -231,12 +278,12 @@ class Normalizer:
         """Encode the accepted events and pack them into envelope values. An event over the size
         limit is refused here, by the general way, which measures it with the same encoder."""
         self.rejected.sort(key=lambda refusal: refusal[0])
-        if len(self.kept) <= ONE_CALL_EVENTS:  # the usual batch: one call, and one envelope if it fits
+        if self.encoded is None:  # the usual batch: one call, and one envelope if it fits
             array = encode_event(self.kept)
             events_bytes = len(array) - 2  # no event is longer than all of them
             if events_bytes <= self.limits.max_event_bytes and events_bytes + envelope.OVERHEAD <= envelope_max_bytes:
                 return Normalized([envelope.wrap(array)] if self.kept else [], len(self.kept), self.rejected)
-        encoded = list(map(encode_event, self.kept))
+        encoded = self.encoded if self.encoded is not None else list(map(encode_event, self.kept))
         if encoded and max(map(len, encoded)) > self.limits.max_event_bytes:
             encoded = self._refuse_oversized(encoded)
         self.rejected.sort(key=lambda refusal: refusal[0])  # after the oversized ones
