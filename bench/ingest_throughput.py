@@ -290,7 +290,7 @@ def run(
     rewarm: float = 0.5,
     connections: int = 16, sweep: Sequence[int] = (), sweep_seconds: float = 3.0,
     sweep_servers: Sequence[tuple[str, int]] = (("tally", 1), ("tally", 2), ("noop", 1), ("naive", 1)),
-    compressions: Sequence[str] | None = None, server: str = DEFAULT_SERVER,
+    compressions: Sequence[str] | None = None, http_server: str = DEFAULT_SERVER,
     tmp: Path | None = None, log: Any = print,
 ) -> dict[str, Any]:
     """For each worker count, every server kind at once (idle but for the one loaded); for each
@@ -350,7 +350,7 @@ def run(
                     port = devstack.free_port()
                     config = own[c] if kind == "tally" else group
                     servers[kind, c] = (port, spawn_server(kind, w, config, port, tmp / f"{kind}-{c}-{w}.log",
-                                                           server))
+                                                           http_server))
                 for (kind, c), (port, proc) in servers.items():
                     wait_ready(kind, port, proc, tmp / f"{kind}-{c}-{w}.log")
                 for b in batches:
@@ -391,7 +391,7 @@ def run(
             port = devstack.free_port()
             group = settings.model_copy(update={"topic": f"bench.events.sweep.{kind}.{w}w"})
             asyncio.run(ensure_topics(group, [group.topic]))
-            proc = start_server(kind, w, group, port, tmp / f"{kind}-{w}-sweep.log", server)
+            proc = start_server(kind, w, group, port, tmp / f"{kind}-{w}-sweep.log", http_server)
             try:
                 for i, c in enumerate(sweep):
                     phase = Phase(kind, w, 100, c, proc.pid)
@@ -408,7 +408,7 @@ def run(
     finally:
         kafka.stop()
         redis.stop()
-    return {"benchmark": "ingest", "http_server": server, "cores": os.cpu_count(), "connections": connections,
+    return {"benchmark": "ingest", "http_server": http_server, "cores": os.cpu_count(), "connections": connections,
             "seconds": seconds,
             "warmup": warmup, "rounds": rounds, "compressions": codecs, "producer_compression": codecs[0],
             "bare_producer_events_per_s": {b: round(sum(v) / len(v)) for b, v in producer.items()},
@@ -505,7 +505,7 @@ def main() -> None:
     args = parser.parse_args()
     row = run(workers=args.workers, batches=args.batch, kinds=args.servers, seconds=args.seconds,
               warmup=args.warmup, rounds=args.rounds, connections=args.connections, sweep=args.sweep,
-              compressions=args.compression, server=args.server)
+              compressions=args.compression, http_server=args.server)
     print()
     for line in report(row):
         print(line)
