@@ -14,6 +14,8 @@ the servers differ (README, Servers):
   still alive `kill_seconds` after the SIGTERM (no lifespan flush then; nothing it had answered
   202 is lost, a 202 comes only after Kafka's acknowledgement).
 - The `Server` header: uvicorn's is turned off; Granian always sends `server: granian`.
+- A supervisor killed outright (SIGKILL): uvicorn's workers end with it; Granian's would go on
+  serving, orphaned, so each asks the kernel for a SIGINT when its supervisor dies.
 
 Nothing here imports core.metrics or the apps: `tally` prepares PROMETHEUS_MULTIPROC_DIR first,
 and each worker imports its app itself.
@@ -21,7 +23,12 @@ and each worker imports its app itself.
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import math
+import os
+import signal
+from functools import partial
 from typing import Any, get_args
 
 from core.settings import Server, Settings
@@ -93,7 +100,20 @@ def _granian(app_path: str, settings: Settings, *, port: int, workers: int, fact
         respawn_failed_workers=True,  # a worker that died (OOM) is replaced, as uvicorn's supervisor does
         workers_kill_timeout=kill_seconds(settings),
     )
-    server.serve()
+    server.serve(target_loader=partial(_granian_worker_app, supervisor=os.getpid(), factory=factory))
+
+
+def _granian_worker_app(target: str, *, supervisor: int, factory: bool) -> Any:
+    """The app of one Granian worker, loaded in it once the kernel has been asked to send the
+    worker SIGINT when its supervisor dies: Granian's stop without the drain (requests in flight
+    finish, the lifespan flushes). Not SIGTERM: the kernel sends the signal again as each of the
+    supervisor's threads exits, and a second SIGTERM cuts the drain short anyway."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+    if os.getppid() != supervisor:  # it died before the request took effect
+        raise SystemExit(f"granian's supervisor (pid {supervisor}) is gone")
+    module, _, name = target.partition(":")
+    app = getattr(importlib.import_module(module), name)
+    return app() if factory else app
 
 
 def _granian_logging() -> dict[str, Any]:

@@ -5,9 +5,11 @@ speaks HTTP/1.1 only: the same client asking it for h2 over TLS gets HTTP/1.1.""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,17 @@ async def test_uvicorn_serves_tls_over_http1_only(migrated: Settings, tmp_path: 
     assert "server" not in answer.headers
     records = await read_topic(str(migrated.kafka_bootstrap), migrated.topic, expect_events=20)
     assert stored(records, "asked-for-h2") == sent_as_stored(events) and len(records) == 20
+
+
+async def test_granian_workers_do_not_outlive_a_killed_supervisor(migrated: Settings, tmp_path: Path) -> None:
+    ingest = granian(migrated, tmp_path, "--workers", "2")
+    ingest.kill()  # SIGKILL to the supervisor only: its workers are told by the kernel (core.servers)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            async with httpx.AsyncClient(timeout=1) as http:
+                await http.get(f"{ingest.url}/healthz")
+        except httpx.TransportError:
+            break
+        assert time.monotonic() < deadline, "an orphaned Granian worker is still serving"
+        await asyncio.sleep(0.1)
