@@ -135,9 +135,11 @@ def ingest_figures(row: dict[str, Any]) -> list[Figure]:
         w, b = p["workers"], p["events_per_request"]
         tag = f"{w}w {b}/req"
         lat = f"p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms"
+        target = ">= 0.6" if (w, b) == (1, 1000) else ""
         out.append(Figure("ingest", f"Tally ingest {tag}", p["events_per_s"], "ev/s", "bare aiokafka producer",
                           p["producer_events_per_s"], key=f"ingest_{w}w_{b}_vs_producer", detail=lat,
-                          conditions=cond(p) + f"; producer: same envelopes, acks=all, {codec}, 32 in flight"))
+                          conditions=cond(p) + f"; producer: same envelopes, acks=all, {codec}, 32 in flight",
+                          target=target, met=p["events_per_s"] >= 0.6 * p["producer_events_per_s"] if target else None))
         noop = find("noop", w, b)
         if noop is not None:
             target = ">= 0.30" if (w, b) == (1, 100) else ""
@@ -177,9 +179,11 @@ def memory_figures(ingest: dict[str, Any] | None, fresh: dict[str, Any] | None) 
             peak = max(m["peak_rss_mib"] for m in tally)
             limit = max(m["peak_rss_mib"] for m in noop) if noop else None
             what = "worker" if w == 1 else f"each of {len(tally)} workers (max)"
+            target = "<= 2" if w == 1 and limit else ""
             out.append(Figure("memory", f"Tally ingest {w}w, {what}", peak, "MiB", f"no-op endpoint {w}w worker",
                               limit, better="lower", key=f"memory_ingest_{w}w_vs_noop" if limit else "",
-                              conditions="peak RSS (VmHWM) under the ingest phases, 100 and 1000 ev/req"))
+                              conditions="peak RSS (VmHWM) under the ingest phases, 100 and 1000 ev/req",
+                              target=target, met=peak <= 2 * limit if target and limit else None))
         for label, note in (("broker", "Tansu, memory storage: keeps the records of one worker count's phases"),
                             ("redis", "Valkey: rate limiter")):
             if label in by:
