@@ -105,7 +105,11 @@ def create_app(settings: Settings) -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = get_openapi(
-                title=app.title, version=app.version, summary=app.summary, routes=[*described, *app.routes]
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                routes=[*described, *app.routes],
+                servers=app.servers,
             )
         return app.openapi_schema
 

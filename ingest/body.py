@@ -5,7 +5,8 @@ refused after reading at most `limit` decoded bytes, not after inflating it.
 The whole body must arrive within a deadline, so a client that stalls mid-body
 (slow-loris) gets a 408 instead of holding its connection and buffer forever.
 
-JSON is read by orjson: duplicate keys keep the last value (as JavaScript does),
+JSON is read by msgspec the short way (schemas.native) and by orjson the general way, which
+names every refusal: duplicate keys keep the last value (as JavaScript does),
 NaN/Infinity, lone surrogates and numbers that overflow a double are not JSON and
 refuse the body (or the NDJSON line). orjson reads an integer beyond the 64-bit
 range as a float, which would silently round it; such events are refused instead.
@@ -143,7 +144,7 @@ async def parse_batch_yielding(
     """`parse_batch` on the event loop: a JSON body over `lazy_above` bytes has its events read a
     slice at a time, letting other requests in between (`core.looplag.in_slices`). If one of
     them is not plainly valid, the whole body is read the general way, as `parse_batch` would."""
-    batch = parse_batch(body, content_type, max_events=max_events, native=native, lazy_above=lazy_above)
+    batch = _parse(body, content_type, max_events=max_events, native=native, lazy=len(body) > lazy_above)
     limits = batch.lazy
     if limits is None:
         return batch
@@ -155,28 +156,25 @@ async def parse_batch_yielding(
     return batch
 
 
-def parse_batch(
-    body: bytes,
-    content_type: str,
-    *,
-    max_events: int,
-    native: EventLimits | None = None,
-    lazy_above: int | None = None,
-) -> ParsedBatch:
+def parse_batch(body: bytes, content_type: str, *, max_events: int, native: EventLimits | None = None) -> ParsedBatch:
     """Split a body into raw events. Only a body that cannot be split at all is a 400.
 
     `native`: the event limits under which a JSON body whose events all have the right shape
     and sizes comes back as `schemas.native.NativeEvent`s (`_parse_native`), which
     `schemas.native.Normalizer` takes the short way; otherwise (and without limits) as the
-    dicts orjson reads. Both give the same answers and envelopes. A body over `lazy_above`
-    bytes comes back with its events still raw (`ParsedBatch.lazy`; `parse_batch_yielding`).
+    dicts orjson reads. Both give the same answers and envelopes.
     """
+    return _parse(body, content_type, max_events=max_events, native=native, lazy=False)
+
+
+def _parse(body: bytes, content_type: str, *, max_events: int, native: EventLimits | None, lazy: bool) -> ParsedBatch:
+    """`parse_batch`; `lazy`: a JSON body read the short way comes back with its events still raw
+    (`ParsedBatch.lazy`), for `parse_batch_yielding` to read."""
     kind = media_type(content_type)
     if kind in NDJSON_TYPES:
         batch = _parse_ndjson(body)
     elif kind in JSON_TYPES:
-        lazy = lazy_above is not None and len(body) > lazy_above
-        batch = (native is not None and _parse_native(body, native, lazy=lazy)) or _parse_json(body)
+        batch = (native is not None and _parse_native(body, native, lazy=lazy)) or _parse_json(body, max_events)
     else:
         raise UnsupportedMediaType(
             f"Content-Type {kind!r} is not supported; use application/json or application/x-ndjson"
@@ -184,8 +182,12 @@ def parse_batch(
     if len(batch.events) > max_events:
         if batch.lazy is not None:  # its events are unread: the general way says 400 or 413, as ever
             return parse_batch(body, content_type, max_events=max_events)
-        raise PayloadTooLarge(f"batch has {len(batch.events)} events; the limit is {max_events}")
+        raise _too_many(len(batch.events), max_events)
     return batch
+
+
+def _too_many(count: int, max_events: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"batch has {count} events; the limit is {max_events}")
 
 
 class _Big:
@@ -283,7 +285,7 @@ def _parse_native(body: bytes, limits: EventLimits, *, lazy: bool = False) -> Pa
     return ParsedBatch(events, sent_at_ms=sent_at_ms, lazy=limits if lazy else None)
 
 
-def _parse_json(body: bytes) -> ParsedBatch:
+def _parse_json(body: bytes, max_events: int) -> ParsedBatch:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -305,6 +307,8 @@ def _parse_json(body: bytes) -> ParsedBatch:
         batch = ParsedBatch(events, sent_at_ms=sent_at_ms)
     else:
         raise BadRequest('body must be {"events": [...]}, a JSON array of events, or NDJSON')
+    if len(batch.events) > max_events:  # the 413 before a look for big integers, which may re-read it all
+        raise _too_many(len(batch.events), max_events)
     _refuse_big_integers(batch, body, 0, len(batch.events))
     return batch
 

@@ -108,7 +108,9 @@ async def _post(scope: Scope, receive: Receive) -> _Answer:
     content_length = headers.get(b"content-length")
     body = await read_body(
         _body_chunks(receive),
-        content_length=int(content_length) if content_length and content_length.isdigit() else None,
+        content_length=int(content_length)
+        if content_length and content_length.isascii() and content_length.isdigit()
+        else None,
         encoding=headers.get(b"content-encoding", ""),
         limit=settings.max_body_bytes,
         deadline_seconds=settings.body_timeout_seconds,
@@ -117,14 +119,14 @@ async def _post(scope: Scope, receive: Receive) -> _Answer:
     batch = await parse_batch_yielding(body, content_type, max_events=settings.max_events, native=ingest["limits"])
 
     if key is None:
-        return await _ingest(state, principal, batch, None)
+        return await _ingest(state, principal, batch, len(body), None)
     claimed = await ingest["idempotency"].claim(principal.key_id, key, fingerprint(media_type(content_type), body))
     if isinstance(claimed, StoredResponse):
         metrics.idempotent_replays.inc()
         kind = _JSON if claimed.status < 300 else PROBLEM_JSON.encode()
         return _Answer(claimed.status, claimed.body, kind, {"Idempotent-Replayed": "true"})
     try:
-        answer = await _ingest(state, principal, batch, key)
+        answer = await _ingest(state, principal, batch, len(body), key)
     except BaseException:
         await ingest["idempotency"].release(claimed)
         raise
@@ -132,7 +134,9 @@ async def _post(scope: Scope, receive: Receive) -> _Answer:
     return answer
 
 
-async def _ingest(state: dict[str, Any], principal: Principal, batch: ParsedBatch, key: str | None) -> _Answer:
+async def _ingest(
+    state: dict[str, Any], principal: Principal, batch: ParsedBatch, body_bytes: int, key: str | None
+) -> _Answer:
     """Rate-limit, validate, write: the 202 (or the 422) for one parsed batch."""
     ingest = cast(IngestState, state)
     settings = ingest["settings"]
@@ -142,7 +146,7 @@ async def _ingest(state: dict[str, Any], principal: Principal, batch: ParsedBatc
     received_at = time.time_ns() // 1_000_000
     skew = 0 if batch.sent_at_ms is None else received_at - batch.sent_at_ms
     derive = None if key is None else (lambda index: derived_event_id(principal.key_id, key, index))
-    normalizer = Normalizer(batch.events, received_at, ingest["limits"], skew, derive)
+    normalizer = Normalizer(batch.events, received_at, ingest["limits"], skew, derive, body_bytes=body_bytes)
     # 10,000 events are several ms of CPU: validated in slices that let /healthz and other requests in.
     await in_slices(normalizer.run, len(batch.events))
     done = normalizer.finish(settings.envelope_max_bytes)

@@ -1,13 +1,16 @@
 """The Kafka envelope: one record carries a chunk of normalized events.
 
-Value: orjson of `{"v": 1, "events": [...]}`; headers `tally-schema` (the version)
-and `tally-request-id`. Chunks are assembled from already-encoded events so that
-ingest serializes each event exactly once.
+Value: the JSON `{"v": 1, "events": [...]}`; headers `tally-schema` (the version)
+and `tally-request-id`. Chunks are assembled from already-encoded events (`pack`, or
+`wrap` around a batch encoded in one call) so that ingest serializes each event once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import bisect
+import itertools
+import operator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -26,37 +29,28 @@ class EnvelopeError(ValueError):
     """A record that is not a Tally envelope this code can read."""
 
 
-def pack(encoded_events: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
-    """Group encoded events into envelope values of at most `max_bytes` each.
+def pack(encoded_events: Sequence[bytes], max_bytes: int) -> Iterator[bytes]:
+    """Group encoded events, in order, into envelope values of at most `max_bytes` each.
 
-    An event larger than the bound on its own still gets a record of its own;
-    per-event limits keep that far below the broker's record limit.
+    Greedy: each record takes as many of the next events as fit. An event larger than the
+    bound on its own still gets a record of its own; per-event limits keep that far below the
+    broker's record limit. The cut points come from bisecting the running sizes, so a batch of
+    10,000 events costs a few C calls, not a Python step per event (tests/unit/test_envelope.py
+    holds it to the step-per-event original).
     """
-    chunk: list[bytes] = []
-    size = _OVERHEAD
-    for event in encoded_events:
-        added = len(event) + (1 if chunk else 0)
-        if chunk and size + added > max_bytes:
-            yield _PREFIX + b",".join(chunk) + _SUFFIX
-            chunk, size, added = [], _OVERHEAD, len(event)
-        chunk.append(event)
-        size += added
-    if chunk:
-        yield _PREFIX + b",".join(chunk) + _SUFFIX
+    count = len(encoded_events)
+    # reach[i]: the bytes of events 0..i and of the commas between them, plus one.
+    reach = list(map(operator.add, itertools.accumulate(map(len, encoded_events)), range(1, count + 1)))
+    start = used = 0  # `used`: reach[start - 1], what the records before this one took
+    while start < count:
+        stop = max(bisect.bisect_right(reach, used + max_bytes - _OVERHEAD + 1, lo=start), start + 1)
+        yield _PREFIX + b",".join(encoded_events[start:stop]) + _SUFFIX
+        start, used = stop, reach[stop - 1]
 
 
 def wrap(events_array: bytes) -> bytes:
     """The value of one envelope whose events are `events_array`, a JSON array of encoded events."""
     return _PREFIX[:-1] + events_array + _SUFFIX[1:]
-
-
-def pack_all(encoded_events: list[bytes], max_bytes: int) -> list[bytes]:
-    """`pack`'s values as a list; a batch that fits one envelope (the usual case) in one join."""
-    if not encoded_events:
-        return []
-    if sum(map(len, encoded_events)) + len(encoded_events) - 1 + _OVERHEAD <= max_bytes:
-        return [_PREFIX + b",".join(encoded_events) + _SUFFIX]
-    return list(pack(encoded_events, max_bytes))
 
 
 def headers(request_id: str) -> list[tuple[str, bytes]]:

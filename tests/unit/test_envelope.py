@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from schemas.envelope import EnvelopeError, headers, pack, unpack
+from schemas.envelope import OVERHEAD, EnvelopeError, headers, pack, unpack
 
 
 def test_pack_round_trip_and_bound() -> None:
@@ -46,3 +48,24 @@ def test_unreadable_records_say_why(value: bytes | None, words: str) -> None:
 
 def test_headers_name_schema_and_request() -> None:
     assert headers("req-1") == [("tally-schema", b"1"), ("tally-request-id", b"req-1")]
+
+
+def _pack_one_step_per_event(encoded_events: list[bytes], max_bytes: int) -> list[bytes]:
+    """`pack` as it was written first, a step per event: the oracle of the bisecting one."""
+    out, chunk, size = [], [], OVERHEAD
+    for event in encoded_events:
+        added = len(event) + (1 if chunk else 0)
+        if chunk and size + added > max_bytes:
+            out.append(b'{"v":1,"events":[' + b",".join(chunk) + b"]}")
+            chunk, size, added = [], OVERHEAD, len(event)
+        chunk.append(event)
+        size += added
+    if chunk:
+        out.append(b'{"v":1,"events":[' + b",".join(chunk) + b"]}")
+    return out
+
+
+@given(sizes=st.lists(st.integers(0, 60), max_size=60), max_bytes=st.integers(0, 300))
+def test_pack_cuts_where_packing_event_by_event_does(sizes: list[int], max_bytes: int) -> None:
+    events = [orjson.dumps("x" * n) for n in sizes]
+    assert list(pack(events, max_bytes)) == _pack_one_step_per_event(events, max_bytes)

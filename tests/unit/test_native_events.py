@@ -198,7 +198,7 @@ def outcome(body: bytes, *, native: bool, key: bool, lazy: bool = False) -> tupl
     expected = {i: _expected_id(raw, i, key) for i, raw in events if isinstance(raw, dict | NativeEvent)}
     if native:
         normalizer = Normalizer(batch.events, NOW, LIMITS, skew, _derived if key else None,
-                                one_call_events=0 if lazy else 200)
+                                body_bytes=1 << 30 if lazy else len(body))
         for start in range(0, len(batch.events), 2):  # in slices, as ingest runs it
             normalizer.run(start, min(start + 2, len(batch.events)))
         done = normalizer.finish(ENVELOPE_MAX)
