@@ -90,6 +90,13 @@ async def serving(app: FastAPI) -> AsyncIterator[tuple[str, uvicorn.Server]]:
             task.result()
             raise RuntimeError("uvicorn exited before it started")
         await asyncio.sleep(0.01)
+    # Ingest connects its producer in the background and answers 503 until then (tested on its
+    # own); give it up to 3 s, so that a test's first request does not race it.
+    writer = getattr(app.state, "writer", None)
+    for _ in range(300):
+        if writer is None or writer.producer is not None:
+            break
+        await asyncio.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{port}", server
     finally:
