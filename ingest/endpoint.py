@@ -117,16 +117,18 @@ async def _post(scope: Scope, receive: Receive) -> _Answer:
     )
     content_type = headers.get(b"content-type", "")
     batch = await parse_batch_yielding(body, content_type, max_events=settings.max_events, native=ingest["limits"])
+    body_bytes, body_print = len(body), "" if key is None else fingerprint(media_type(content_type), body)
+    del body  # not held through the waits ahead
 
     if key is None:
-        return await _ingest(state, principal, batch, len(body), None)
-    claimed = await ingest["idempotency"].claim(principal.key_id, key, fingerprint(media_type(content_type), body))
+        return await _ingest(state, principal, batch, body_bytes, None)
+    claimed = await ingest["idempotency"].claim(principal.key_id, key, body_print)
     if isinstance(claimed, StoredResponse):
         metrics.idempotent_replays.inc()
         kind = _JSON if claimed.status < 300 else PROBLEM_JSON.encode()
         return _Answer(claimed.status, claimed.body, kind, {"Idempotent-Replayed": "true"})
     try:
-        answer = await _ingest(state, principal, batch, len(body), key)
+        answer = await _ingest(state, principal, batch, body_bytes, key)
     except BaseException:
         await ingest["idempotency"].release(claimed)
         raise
@@ -150,6 +152,11 @@ async def _ingest(
     # 10,000 events are several ms of CPU: validated in slices that let /healthz and other requests in.
     await in_slices(normalizer.run, len(batch.events))
     done = normalizer.finish(settings.envelope_max_bytes)
+    sent = len(batch.events)
+    # The events are encoded: free them before the wait for Kafka's ack, where a request spends
+    # most of its time (16 requests of 1,000 events held ~20 MiB of decoded events there).
+    del normalizer
+    batch.events.clear()
 
     rejected: list[dict[str, Any]] = []
     if batch.line_errors or done.rejected:
@@ -160,7 +167,7 @@ async def _ingest(
             metrics.events_rejected.labels(reason).inc()
 
     if not done.accepted:
-        detail = "the batch has no events" if not batch.events else "no event in the batch is valid"
+        detail = "the batch has no events" if not sent else "no event in the batch is valid"
         response = problem_response(
             422, Unprocessable.title, detail, slug=Unprocessable.slug, instance=PATH, errors=rejected, headers=headers
         )
