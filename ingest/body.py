@@ -143,17 +143,49 @@ async def parse_batch_yielding(
 ) -> ParsedBatch:
     """`parse_batch` on the event loop: a JSON body over `lazy_above` bytes has its events read a
     slice at a time, letting other requests in between (`core.looplag.in_slices`). If one of
-    them is not plainly valid, the whole body is read the general way, as `parse_batch` would."""
+    them is not plainly valid, they are all read the general way, in slices too
+    (`_read_general`), and the batch is what `parse_batch` would have made."""
     batch = _parse(body, content_type, max_events=max_events, native=native, lazy=len(body) > lazy_above)
     limits = batch.lazy
     if limits is None:
         return batch
+    raws = list(batch.events)
     try:
         await in_slices(lambda start, stop: decode_slice(batch.events, start, stop, limits), len(batch.events))
     except NotNative:
-        return parse_batch(body, content_type, max_events=max_events)
+        return await _read_general(body, content_type, raws, batch.sent_at_ms, max_events)
     batch.lazy = None
     return batch
+
+
+class _Whole(Exception):
+    """An event the general way can judge only from the whole body."""
+
+
+async def _read_general(
+    body: bytes, content_type: str, raws: list[Any], sent_at_ms: int | None, max_events: int
+) -> ParsedBatch:
+    """The events of a body whose outline msgspec read (`raws`, each event's JSON), read by orjson
+    a slice at a time: the same dicts as `_parse_json`'s one call over the body. An event that is
+    not JSON to orjson (the 400 names its place in the body) or that has a run of 19 digits (the
+    big-integer check reads the body whole) sends the body there instead."""
+    events: list[Any] = [None] * len(raws)
+
+    def read(start: int, stop: int) -> None:
+        for index in range(start, stop):
+            text = bytes(raws[index])
+            if _LONG_DIGITS in text.translate(_DIGITS_ONLY):
+                raise _Whole
+            try:
+                events[index] = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                raise _Whole from None
+
+    try:
+        await in_slices(read, len(raws))
+    except _Whole:
+        return parse_batch(body, content_type, max_events=max_events)
+    return ParsedBatch(events, sent_at_ms=sent_at_ms)
 
 
 def parse_batch(body: bytes, content_type: str, *, max_events: int, native: EventLimits | None = None) -> ParsedBatch:
