@@ -50,9 +50,6 @@ class ParsedBatch:
     line_errors: dict[int, str] = field(default_factory=dict)
     sent_at_ms: int | None = None  # the producer's clock when it sent the batch
     reasons: dict[int, str] = field(default_factory=dict)  # metrics reason of a line error; default "json"
-    # Set while the events are still raw JSON (a big body, read lazily): `parse_batch_yielding`
-    # reads them under these limits.
-    lazy: EventLimits | None = None
 
     def refuse(self, index: int, error: str, reason: str) -> None:
         self.events[index] = UNPARSABLE
@@ -141,21 +138,34 @@ def media_type(content_type: str) -> str:
 async def parse_batch_yielding(
     body: bytes, content_type: str, *, max_events: int, native: EventLimits, lazy_above: int = LAZY_BODY_BYTES
 ) -> ParsedBatch:
-    """`parse_batch` on the event loop: a JSON body over `lazy_above` bytes has its events read a
-    slice at a time, letting other requests in between (`core.looplag.in_slices`). If one of
-    them is not plainly valid, they are all read the general way, in slices too
-    (`_read_general`), and the batch is what `parse_batch` would have made."""
-    batch = _parse(body, content_type, max_events=max_events, native=native, lazy=len(body) > lazy_above)
-    limits = batch.lazy
-    if limits is None:
-        return batch
-    raws = list(batch.events)
-    try:
-        await in_slices(lambda start, stop: decode_slice(batch.events, start, stop, limits), len(batch.events))
-    except NotNative:
-        return await _read_general(body, content_type, raws, batch.sent_at_ms, max_events)
-    batch.lazy = None
-    return batch
+    """Ingest's reader: a JSON body whose events all have the shape and sizes of `native`, the
+    event limits, comes back as `schemas.native.NativeEvent`s, which `schemas.native.Normalizer`
+    takes the short way; any other body as `parse_batch` reads it (the general way), with the
+    same answers and envelopes.
+
+    A body over `lazy_above` bytes is read in slices that let other requests in between
+    (`core.looplag.in_slices`): its outline first, then its events; if one is not plainly
+    valid, or there are too many, orjson reads them in slices too (`_read_general`).
+    """
+    if media_type(content_type) not in JSON_TYPES:
+        return parse_batch(body, content_type, max_events=max_events)
+    lazy = len(body) > lazy_above
+    read = _read_native(body, native, lazy=lazy)
+    if read is None:
+        return parse_batch(body, content_type, max_events=max_events)
+    events, sent_at_ms = read
+    if not lazy:
+        if len(events) > max_events:
+            raise _too_many(len(events), max_events)
+        return ParsedBatch(events, sent_at_ms=sent_at_ms)
+    raws = list(events)  # each event's JSON, for the general way
+    if len(events) <= max_events:
+        try:
+            await in_slices(lambda start, stop: decode_slice(events, start, stop, native), len(events))
+            return ParsedBatch(events, sent_at_ms=sent_at_ms)
+        except NotNative:
+            pass
+    return await _read_general(body, content_type, raws, sent_at_ms, max_events)
 
 
 class _Whole(Exception):
@@ -166,15 +176,15 @@ async def _read_general(
     body: bytes, content_type: str, raws: list[Any], sent_at_ms: int | None, max_events: int
 ) -> ParsedBatch:
     """The events of a body whose outline msgspec read (`raws`, each event's JSON), read by orjson
-    a slice at a time: the same dicts as `_parse_json`'s one call over the body. An event that is
-    not JSON to orjson (the 400 names its place in the body) or that has a run of 19 digits (the
-    big-integer check reads the body whole) sends the body there instead."""
+    a slice at a time: the same batch as `parse_batch`'s one call over the body, or its 413. An
+    event that is not JSON to orjson (the 400 names its place in the body) or that has a run of
+    19 digits (the big-integer check reads the body whole) sends the body there instead."""
     events: list[Any] = [None] * len(raws)
 
     def read(start: int, stop: int) -> None:
         for index in range(start, stop):
             text = bytes(raws[index])
-            if _LONG_DIGITS in text.translate(_DIGITS_ONLY):
+            if _has_long_digits(text):
                 raise _Whole
             try:
                 events[index] = orjson.loads(text)
@@ -185,41 +195,35 @@ async def _read_general(
         await in_slices(read, len(raws))
     except _Whole:
         return parse_batch(body, content_type, max_events=max_events)
+    if len(events) > max_events:
+        raise _too_many(len(events), max_events)
     return ParsedBatch(events, sent_at_ms=sent_at_ms)
 
 
-def parse_batch(body: bytes, content_type: str, *, max_events: int, native: EventLimits | None = None) -> ParsedBatch:
-    """Split a body into raw events. Only a body that cannot be split at all is a 400.
-
-    `native`: the event limits under which a JSON body whose events all have the right shape
-    and sizes comes back as `schemas.native.NativeEvent`s (`_parse_native`), which
-    `schemas.native.Normalizer` takes the short way; otherwise (and without limits) as the
-    dicts orjson reads. Both give the same answers and envelopes.
-    """
-    return _parse(body, content_type, max_events=max_events, native=native, lazy=False)
-
-
-def _parse(body: bytes, content_type: str, *, max_events: int, native: EventLimits | None, lazy: bool) -> ParsedBatch:
-    """`parse_batch`; `lazy`: a JSON body read the short way comes back with its events still raw
-    (`ParsedBatch.lazy`), for `parse_batch_yielding` to read."""
+def parse_batch(body: bytes, content_type: str, *, max_events: int) -> ParsedBatch:
+    """Split a body into raw events the general way (orjson dicts, which `normalize_event` judges
+    and explains). Only a body that cannot be split at all is a 400."""
     kind = media_type(content_type)
     if kind in NDJSON_TYPES:
         batch = _parse_ndjson(body)
     elif kind in JSON_TYPES:
-        batch = (native is not None and _parse_native(body, native, lazy=lazy)) or _parse_json(body, max_events)
+        batch = _parse_json(body, max_events)
     else:
         raise UnsupportedMediaType(
             f"Content-Type {kind!r} is not supported; use application/json or application/x-ndjson"
         )
     if len(batch.events) > max_events:
-        if batch.lazy is not None:  # its events are unread: the general way says 400 or 413, as ever
-            return parse_batch(body, content_type, max_events=max_events)
         raise _too_many(len(batch.events), max_events)
     return batch
 
 
 def _too_many(count: int, max_events: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"batch has {count} events; the limit is {max_events}")
+
+
+def _has_long_digits(text: bytes) -> bool:
+    """Whether `text` has a run of 19 digits: the only way to write an integer orjson rounds."""
+    return _LONG_DIGITS in text.translate(_DIGITS_ONLY)
 
 
 class _Big:
@@ -277,7 +281,7 @@ def _rounded(text: bytes, *, line: bool) -> list[bool] | None:
 
 def _refuse_big_integers(batch: ParsedBatch, text: bytes, first: int, count: int, *, line: bool = False) -> None:
     """Refuse events `first..first+count-1` that were written with an integer beyond 64 bits."""
-    if _LONG_DIGITS not in text.translate(_DIGITS_ONLY):
+    if not _has_long_digits(text):
         return
     flags = _rounded(text, line=line)
     for offset in range(count):
@@ -301,20 +305,20 @@ def _unknown_top_level(doc: dict[str, Any], unknown: set[str]) -> str:
     return detail
 
 
-def _parse_native(body: bytes, limits: EventLimits, *, lazy: bool = False) -> ParsedBatch | None:
-    """The short way (schemas.native.decode_native): a body whose every event has the right shape
-    and sizes, read in compiled code. None: read it the general way, which explains what is wrong.
-    msgspec reads every integer exactly and its types refuse one beyond 64 bits, so such a body
-    goes the general way too, which names it as before."""
+def _read_native(body: bytes, limits: EventLimits, *, lazy: bool) -> tuple[list[Any], int | None] | None:
+    """The short way (schemas.native.decode_native): the events and the `sent_at` (epoch ms) of a
+    body whose every event has the right shape and sizes, read in compiled code (`lazy`: its
+    outline only, the events left raw). None: read it the general way, which explains what is
+    wrong. msgspec reads every integer exactly and its types refuse one beyond 64 bits, so such a
+    body goes the general way too, which names it as before."""
     native = decode_native(body, limits, lazy=lazy)
     if native is None:
         return None
     events, sent_at = native
     try:
-        sent_at_ms = None if sent_at is None else parse_sent_at(sent_at)
+        return events, None if sent_at is None else parse_sent_at(sent_at)
     except ValueError:
         return None
-    return ParsedBatch(events, sent_at_ms=sent_at_ms, lazy=limits if lazy else None)
 
 
 def _parse_json(body: bytes, max_events: int) -> ParsedBatch:

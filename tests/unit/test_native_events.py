@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.problems import TallyError
-from ingest.body import parse_batch, parse_batch_yielding
+from ingest.body import ParsedBatch, parse_batch, parse_batch_yielding
 from schemas import envelope
 from schemas.events import UNPARSABLE, EventLimits, InvalidEvent, normalize_event
 from schemas.native import NativeEvent, Normalizer
@@ -180,15 +180,18 @@ def _expected_id(raw: Any, index: int, key: bool) -> str | None:
         return value  # the event is refused: never looked at
 
 
+async def _read(body: bytes, lazy: bool) -> ParsedBatch:
+    return await parse_batch_yielding(
+        body, "application/json", max_events=5, native=LIMITS, lazy_above=0 if lazy else len(body)
+    )
+
+
 def outcome(body: bytes, *, native: bool, key: bool, lazy: bool = False) -> tuple[str, Any]:
-    """`lazy`: the short way reads the body's events a slice at a time and encodes them as it
+    """`native`: read as ingest reads (`parse_batch_yielding`), else the general way alone;
+    `lazy`: the short way reads the body's events a slice at a time and encodes them as it
     checks them, as ingest does a big body."""
     try:
-        if native and lazy:
-            read = parse_batch_yielding(body, "application/json", max_events=5, native=LIMITS, lazy_above=0)
-            batch = asyncio.run(read)
-        else:
-            batch = parse_batch(body, "application/json", max_events=5, native=LIMITS if native else None)
+        batch = asyncio.run(_read(body, lazy)) if native else parse_batch(body, "application/json", max_events=5)
     except TallyError as exc:
         return "refused", (type(exc).__name__, str(exc))
     read = [isinstance(e, NativeEvent) for e in batch.events]
@@ -246,7 +249,7 @@ def test_valid_bodies_take_the_short_way() -> None:
         {"type": "tap", "event_id": "6f1c0e3e-1a2b-4c3d-8e4f-5a6b7c8d9e0f", "user_id": "u1"},
         {"type": "tap", "ts": "2026-11-30T01:53:19.123+01:00", "session_id": None},  # NOW - 877 ms
     ]})
-    batch = parse_batch(body, "application/json", max_events=5, native=LIMITS)
+    batch = asyncio.run(_read(body, lazy=False))
     assert all(isinstance(e, NativeEvent) for e in batch.events) and len(batch.events) == 3
     normalizer = Normalizer(batch.events, NOW, LIMITS)
     normalizer.run(0, 3)
