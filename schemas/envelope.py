@@ -21,8 +21,7 @@ REQUEST_ID_HEADER = "tally-request-id"
 ERROR_HEADER = "tally-error"
 _PREFIX = b'{"v":1,"events":['
 _SUFFIX = b"]}"
-_OVERHEAD = len(_PREFIX) + len(_SUFFIX)
-OVERHEAD = _OVERHEAD  # an envelope's bytes beyond its events and the commas between them
+OVERHEAD = len(_PREFIX) + len(_SUFFIX)  # an envelope's bytes beyond its events and the commas between them
 
 
 class EnvelopeError(ValueError):
@@ -43,7 +42,7 @@ def pack(encoded_events: Sequence[bytes], max_bytes: int) -> Iterator[bytes]:
     reach = list(map(operator.add, itertools.accumulate(map(len, encoded_events)), range(1, count + 1)))
     start = used = 0  # `used`: reach[start - 1], what the records before this one took
     while start < count:
-        stop = max(bisect.bisect_right(reach, used + max_bytes - _OVERHEAD + 1, lo=start), start + 1)
+        stop = max(bisect.bisect_right(reach, used + max_bytes - OVERHEAD + 1, lo=start), start + 1)
         yield _PREFIX + b",".join(encoded_events[start:stop]) + _SUFFIX
         start, used = stop, reach[stop - 1]
 

@@ -230,9 +230,12 @@ class Normalizer:
                 if raw is not UNPARSABLE:
                     self._general(index, raw)
                 continue
+            if raw.received_at is not _UNSET:  # the server's field, sent: the general way refuses it
+                self._general(index, raw)
+                continue
             etype = raw.type
-            if etype not in _VALID_TYPES or raw.received_at is not _UNSET:
-                if raw.received_at is not _UNSET or not TYPE_PATTERN.fullmatch(etype):
+            if etype not in _VALID_TYPES:
+                if not TYPE_PATTERN.fullmatch(etype):
                     self._general(index, raw)
                     continue
                 if len(_VALID_TYPES) < _VALID_TYPES_KEPT:
@@ -279,24 +282,27 @@ class Normalizer:
 
     def finish(self, envelope_max_bytes: int) -> Normalized:
         """Encode the accepted events and pack them into envelope values. An event over the size
-        limit is refused here, by the general way, which measures it with the same encoder."""
+        limit is refused here, as the general way would: it measures the same encoder's output."""
+        values, accepted = self._envelopes(envelope_max_bytes)
         self.rejected.sort(key=lambda refusal: refusal[0])
+        return Normalized(values, accepted, self.rejected)
+
+    def _envelopes(self, envelope_max_bytes: int) -> tuple[list[bytes], int]:
         if self.encoded is None:  # the usual batch: one call, and one envelope if it fits
             array = encode_event(self.kept)
             events_bytes = len(array) - 2  # no event is longer than all of them
             if events_bytes <= self.limits.max_event_bytes and events_bytes + envelope.OVERHEAD <= envelope_max_bytes:
-                return Normalized([envelope.wrap(array)] if self.kept else [], len(self.kept), self.rejected)
+                return ([envelope.wrap(array)] if self.kept else []), len(self.kept)
         encoded = self.encoded if self.encoded is not None else list(map(encode_event, self.kept))
         if encoded and max(map(len, encoded)) > self.limits.max_event_bytes:
             encoded = self._refuse_oversized(encoded)
-        self.rejected.sort(key=lambda refusal: refusal[0])  # after the oversized ones
-        return Normalized(list(envelope.pack(encoded, envelope_max_bytes)), len(encoded), self.rejected)
+        return list(envelope.pack(encoded, envelope_max_bytes)), len(encoded)
 
     def _refuse_oversized(self, encoded: list[bytes]) -> list[bytes]:
         kept: list[bytes] = []
         for index, data in zip(self.indexes, encoded, strict=True):
             if len(data) <= self.limits.max_event_bytes:
                 kept.append(data)
-            else:  # as the general way would: it encodes the same value with the same encoder
+            else:
                 self.rejected.append((index, too_large(len(data), self.limits)))
         return kept
