@@ -56,6 +56,20 @@ async def post(http: httpx.AsyncClient, events: list[dict[str, Any]], request_id
                            headers={"content-type": "application/json", "x-request-id": request_id})
 
 
+def accepted(response: httpx.Response, http_version: str, count: int) -> None:
+    assert (response.http_version, response.status_code, response.content) == (
+        http_version, 202, b'{"accepted":%d,"rejected":[]}' % count)
+
+
+async def in_kafka(settings: Settings, sent: dict[str, list[dict[str, Any]]]) -> None:
+    """Exactly the events sent, by request id, and nothing else, are in the topic."""
+    total = sum(len(events) for events in sent.values())
+    records = await read_topic(str(settings.kafka_bootstrap), settings.topic, expect_events=total)
+    assert len(records) == total
+    for request_id, events in sent.items():
+        assert stored(records, request_id) == sent_as_stored(events), request_id
+
+
 def granian(settings: Settings, tmp: Path, *args: str) -> TallyProcess:
     return tally_process("ingest", settings, tmp, "--server", "granian", *args).start()
 
@@ -72,17 +86,12 @@ async def test_h2c_with_prior_knowledge_and_http1_on_the_same_port(migrated: Set
             scrape = await h2.get("/metrics")
     finally:
         assert ingest.stop() == 0, ingest.log()[-3000:]  # Granian exits 0 after a graceful stop
-    assert (answer.http_version, answer.status_code, answer.content) == (
-        "HTTP/2", 202, b'{"accepted":100,"rejected":[]}')
+    accepted(answer, "HTTP/2", 100)
     assert answer.headers["x-request-id"] == "over-h2c" and answer.headers["content-type"] == "application/json"
     assert (ready.http_version, ready.status_code, ready.json()["ready"]) == ("HTTP/2", 200, True)
-    assert (plain.http_version, plain.status_code, plain.content) == (
-        "HTTP/1.1", 202, b'{"accepted":10,"rejected":[]}')
+    accepted(plain, "HTTP/1.1", 10)
     assert scrape.status_code == 200 and ACCEPTED.search(scrape.text).group(1) == "110.0"  # type: ignore[union-attr]
-    records = await read_topic(str(migrated.kafka_bootstrap), migrated.topic, expect_events=110)
-    assert len(records) == 110
-    assert stored(records, "over-h2c") == sent_as_stored(h2_events)
-    assert stored(records, "over-h1") == sent_as_stored(h1_events)
+    await in_kafka(migrated, {"over-h2c": h2_events, "over-h1": h1_events})
 
 
 async def test_tls_chooses_h2_by_alpn(migrated: Settings, tmp_path: Path) -> None:
@@ -99,14 +108,9 @@ async def test_tls_chooses_h2_by_alpn(migrated: Settings, tmp_path: Path) -> Non
     finally:
         assert ingest.stop() == 0, ingest.log()[-3000:]
     assert ingest.url.startswith("https://")
-    assert (answer.http_version, answer.status_code, answer.content) == (
-        "HTTP/2", 202, b'{"accepted":100,"rejected":[]}')
-    assert (plain.http_version, plain.status_code, plain.content) == (
-        "HTTP/1.1", 202, b'{"accepted":5,"rejected":[]}')
-    records = await read_topic(str(migrated.kafka_bootstrap), migrated.topic, expect_events=105)
-    assert len(records) == 105
-    assert stored(records, "over-h2") == sent_as_stored(h2_events)
-    assert stored(records, "over-tls-h1") == sent_as_stored(h1_events)
+    accepted(answer, "HTTP/2", 100)
+    accepted(plain, "HTTP/1.1", 5)
+    await in_kafka(migrated, {"over-h2": h2_events, "over-tls-h1": h1_events})
 
 
 async def test_uvicorn_serves_tls_over_http1_only(migrated: Settings, tmp_path: Path) -> None:
@@ -120,11 +124,9 @@ async def test_uvicorn_serves_tls_over_http1_only(migrated: Settings, tmp_path: 
             answer = await post(http, events, "asked-for-h2")
     finally:
         ingest.stop()
-    assert (answer.http_version, answer.status_code, answer.content) == (
-        "HTTP/1.1", 202, b'{"accepted":20,"rejected":[]}')
+    accepted(answer, "HTTP/1.1", 20)
     assert "server" not in answer.headers
-    records = await read_topic(str(migrated.kafka_bootstrap), migrated.topic, expect_events=20)
-    assert stored(records, "asked-for-h2") == sent_as_stored(events) and len(records) == 20
+    await in_kafka(migrated, {"asked-for-h2": events})
 
 
 async def test_granian_workers_do_not_outlive_a_killed_supervisor(migrated: Settings, tmp_path: Path) -> None:
