@@ -2,19 +2,18 @@
 
 The hot route does only its own work: one pass over the headers, the body read with its
 limits and deadline, authentication, the rate limit, validation and the write. It has no
-dependency resolution, no Request object, no response model and no second header parse
-(docs/performance.md has the profile that asked for this). Its OpenAPI description is
+dependency resolution, no response model and no second header parse (docs/performance.md has
+the profile that asked for this); Starlette's Request only streams the body. Its OpenAPI description is
 `ingest.openapi`; the app mounts this as the route (ingest.app).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any, TypedDict, cast
 
 import orjson
-from starlette.requests import ClientDisconnect
+from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from core import metrics
@@ -68,18 +67,6 @@ def _headers(scope: Scope) -> dict[bytes, str]:
     return found
 
 
-async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
-
-
 class PostEvents:
     """The ASGI app of `POST /v1/events`, mounted as a Starlette route (methods, 405s and the route
     template for metrics come from the router). A class, so Starlette calls it as ASGI."""
@@ -107,7 +94,7 @@ async def _post(scope: Scope, receive: Receive) -> _Answer:
     ingest["writer"].shed()
     content_length = headers.get(b"content-length")
     body = await read_body(
-        _body_chunks(receive),
+        Request(scope, receive).stream(),  # Starlette's: ends on the last chunk, ClientDisconnect
         content_length=int(content_length)
         if content_length and content_length.isascii() and content_length.isdigit()
         else None,
