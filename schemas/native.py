@@ -53,7 +53,7 @@ class NativeEvent(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     """One event as msgspec decodes it, and as it is stored once `Normalizer` accepted it.
 
     Read: only the known fields, each of its JSON type (the decoder of a set of limits,
-    `decoder`, narrows the types of all but the first two). `event_id` is UNSET when absent and None
+    `_event_type`, narrows the types of all but the first two). `event_id` is UNSET when absent and None
     when sent as null: an Idempotency-Key derives an id only for the first (as for a dict
     without the key). `received_at` is the server's: one sent by a producer is refused.
     Stored: `Normalizer` sets `event_id`, `ts` (epoch ms) and `received_at` in place, and the
@@ -135,7 +135,7 @@ def _batch_decoder(event: Any) -> msgspec.json.Decoder[Any]:
 
 
 @functools.cache
-def decoder(limits: EventLimits) -> msgspec.json.Decoder[Any]:
+def _decoder(limits: EventLimits) -> msgspec.json.Decoder[Any]:
     """The body decoder for one set of limits."""
     return _batch_decoder(_event_type(limits))
 
@@ -160,7 +160,7 @@ def decode_native(body: bytes, limits: EventLimits, *, lazy: bool = False) -> tu
     `lazy`: the events come back as `msgspec.Raw`, to be read a slice at a time by `decode_slice`,
     which raises NotNative where this would have returned None."""
     try:
-        doc = (_lazy_decoder() if lazy else decoder(limits)).decode(body)
+        doc = (_lazy_decoder() if lazy else _decoder(limits)).decode(body)
     except _NOT_PLAIN:
         return None
     return (doc, None) if isinstance(doc, list) else (doc.events, doc.sent_at)
