@@ -24,12 +24,17 @@ dimension value is cut (at a character boundary) to its share of
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
+from functools import reduce
+from itertools import compress, repeat
+from operator import attrgetter, mod, sub
 from typing import Any, Final
 
+from consumers.view import View, attribute, keys_of, props_type, reader
 from schemas.events import lookup
 from schemas.rollups import GRANULARITY_MS, RollupSpec, dimension_text, expiry_cutoff_ms
 
@@ -144,111 +149,186 @@ def _combine(op: int, old: Value, new: Value) -> Value:
     return new if new > old else old
 
 
-def aggregate_rollup(plan: RollupPlan, events: Iterable[dict[str, Any]], cells: Cells | None = None) -> Cells:
-    """Add `events` into `cells` (a new mapping if None) for one rollup and return it.
+class Columns:
+    """One chunk of views read column by column, each column computed once for every rollup.
 
-    The hot loop of the consumer: paths are pre-split getters, the common case
-    (a short str dimension) skips `stringify`/`fit`, and each numeric path is
-    read and converted once per event however many measures use it.
+    The per-event work is C loops (`map`, `zip`, `compress`, `Counter`): a column is
+    one `attrgetter` pass, a bucket one `mod`/`sub` pass, a row key one `zip`.
     """
-    out: Cells = {} if cells is None else cells
-    buckets: dict[int, datetime] = {}
-    width, cap = plan.width_ms, plan.dimension_bytes
-    short = cap // 4  # a str this short fits in `cap` bytes whatever its characters
-    where = [(_getter(keys), allowed) for keys, allowed in plan.where]
-    dims = [_getter(keys) for keys in plan.dimensions]
-    values = [_getter(keys) for keys in plan.value_paths]
+
+    def __init__(self, events: Sequence[View]) -> None:
+        self.events = events
+        self._memo: dict[tuple[str, ...], list[Any]] = {}
+
+    def raw(self, keys: tuple[str, ...]) -> list[Any]:
+        """The values at a path (None where any step is missing), as `lookup` reads a dict."""
+        col = self._memo.get(keys)
+        if col is not None:
+            return col
+        if keys[0] != "properties":
+            col = list(map(attrgetter(keys[0]), self.events))
+        elif len(keys) == 1:
+            raise ValueError("a path into properties names a key")
+        else:
+            props = self._memo.get(("properties",))
+            if props is None:
+                props = self._properties()
+            col = list(map(attrgetter(attribute(keys[1])), props))
+            if len(keys) > 2:
+                rest = keys[2:]
+                col = [None if v is None else lookup(v, rest) for v in col]
+        self._memo[keys] = col
+        return col
+
+    def _properties(self) -> list[Any]:
+        props = list(map(_PROPERTIES, self.events))
+        if None in props:  # absent or null: read as an object with no keys
+            empty = props_type(type(self.events[0]))()
+            props = [empty if p is None else p for p in props]
+        self._memo[("properties",)] = props
+        return props
+
+    def where_mask(self, where: Sequence[tuple[tuple[str, ...], frozenset[str]]]) -> list[bool]:
+        """Per event: does every `where` path hold one of its allowed values (compared as text)?"""
+        masks = [list(map(allowed.__contains__, _where_text(self.raw(keys)))) for keys, allowed in where]
+        return masks[0] if len(masks) == 1 else list(map(all, zip(*masks, strict=True)))
+
+
+_PROPERTIES: Final = attrgetter("properties")
+_NUMERIC: Final = frozenset({int, float})  # never bool: type(True) is bool
+_FLOAT: Final = {float}
+_STR_OR_NONE: Final = frozenset({str, type(None)})
+_NONE_IS_EMPTY: Final = {None: ""}
+
+
+def _where_text(col: list[Any]) -> list[Any]:
+    """`_matches`' comparison text: strings as they are, anything else `stringify`d."""
+    kinds = set(map(type, col))
+    if kinds <= _STR_OR_NONE:
+        return col if type(None) not in kinds else list(map(_NONE_IS_EMPTY.get, col, col))
+    return [v if type(v) is str else stringify(v) for v in col]
+
+
+def _dimension_text(col: list[Any], cap: int) -> list[Any]:
+    """A dimension column as stored: `fit(stringify(v), cap)`, computed once per distinct string."""
+    kinds = set(map(type, col))
+    if kinds <= _STR_OR_NONE:
+        short = cap // 4  # a str this short fits in `cap` bytes whatever its characters
+        fix = {v: fit(stringify(v), cap) for v in set(col) if v is None or len(v) > short or "\x00" in v}
+        return list(map(fix.get, col, col)) if fix else col
+    return [fit(stringify(v), cap) for v in col]
+
+
+def _reduce(op: int, values: list[Any]) -> Value:
+    """One row's numeric values (ints and floats, in event order) as the measure's Decimal."""
+    if op == _SUM:
+        exact: Iterable[Any] = (
+            map(Decimal, map(repr, values)) if set(map(type, values)) == _FLOAT else map(to_decimal, values)
+        )
+        return reduce(EXACT.add, exact)  # type: ignore[no-any-return]
+    # Python compares ints and floats exactly, and min/max keep the first of equals, as `_combine` does.
+    return to_decimal(min(values) if op == _MIN else max(values))
+
+
+def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None, cells: Cells) -> Cells:
+    """Add the events of `columns` selected by `mask` (all if None) into `cells` for one rollup."""
+
+    def pick(col: list[Any]) -> list[Any]:
+        return col if mask is None else list(compress(col, mask))
+
+    ts = pick(columns.raw(("ts",)))
+    if not ts:
+        return cells
+    width = plan.width_ms
+    starts = list(map(sub, ts, map(mod, ts, repeat(width))))
+    dims = [_dimension_text(pick(columns.raw(keys)), plan.dimension_bytes) for keys in plan.dimensions]
+    keys = list(zip(starts, *dims, strict=True))
+    counts = Counter(keys)
+    numbers: list[dict[Key, list[Any]]] = []
+    for path in plan.value_paths:
+        values = pick(columns.raw(path))
+        grouped: dict[Key, list[Any]] = {}
+        numeric = list(map(_NUMERIC.__contains__, map(type, values)))
+        if any(numeric):
+            for key, value in compress(zip(keys, values, strict=True), numeric):
+                found = grouped.get(key)
+                if found is None:
+                    grouped[key] = [value]
+                else:
+                    found.append(value)
+        numbers.append(grouped)
     count_at = [i for i, (op, _) in enumerate(plan.ops) if op == _COUNT]
-    numeric = [(i, op, j) for i, (op, j) in enumerate(plan.ops) if op != _COUNT]
-    for event in events:
-        if where and not _matches(event, where):
-            continue
-        ts: int = event["ts"]
-        start = ts - ts % width
+    numeric_ops = [(i, op, j) for i, (op, j) in enumerate(plan.ops) if op != _COUNT]
+    empty = plan.empty()
+    buckets: dict[int, datetime] = {}
+    for key, n in counts.items():
+        start = key[0]
         bucket = buckets.get(start)
         if bucket is None:
             bucket = buckets[start] = EPOCH + timedelta(milliseconds=start)
-        parts: list[Any] = [bucket]
-        for get in dims:
-            v = get(event)
-            parts.append(v if type(v) is str and len(v) <= short and "\x00" not in v else fit(stringify(v), cap))
-        key = tuple(parts)
-        cell = out.get(key)
+        row = (bucket, *key[1:])
+        cell = cells.get(row)
         if cell is None:
-            cell = out[key] = plan.empty()
+            cell = cells[row] = empty.copy()
         for i in count_at:
-            cell[i] += 1  # type: ignore[operator]
-        if numeric:
-            numbers = [to_decimal(get(event)) for get in values]
-            for i, op, j in numeric:
-                number = numbers[j]
-                if number is not None:
-                    cell[i] = _combine(op, cell[i], number)
-    return out
+            cell[i] += n  # type: ignore[operator]
+        for i, op, j in numeric_ops:
+            found = numbers[j].get(key)
+            if found is not None:
+                cell[i] = _combine(op, cell[i], _reduce(op, found))
+    return cells
 
 
-def _getter(keys: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
-    """`lookup(event, keys)` specialised for one- and two-step paths (nearly all of them)."""
-    if len(keys) == 1:
-        (k,) = keys
-        return lambda event: event.get(k)
-    if len(keys) == 2:
-        k0, k1 = keys
-
-        def two(event: dict[str, Any]) -> Any:
-            inner = event.get(k0)
-            return inner.get(k1) if isinstance(inner, dict) else None
-
-        return two
-    return lambda event: lookup(event, keys)
+def _as_views(plans: Sequence[RollupPlan], events: Sequence[Any]) -> Sequence[View]:
+    """Views as they are; validated event dicts (tests, tools) converted once."""
+    if events and isinstance(events[0], dict):
+        return reader(plan_keys(plans)).views(events)
+    return events
 
 
-def _matches(event: dict[str, Any], where: list[tuple[Callable[[dict[str, Any]], Any], frozenset[str]]]) -> bool:
-    for get, allowed in where:
-        v = get(event)
-        if (v if type(v) is str else stringify(v)) not in allowed:
-            return False
-    return True
+def plan_keys(plans: Iterable[RollupPlan]) -> frozenset[str]:
+    """The `properties` keys the plans read: what a Reader for them decodes."""
+    return keys_of(path for p in plans for path in (*p.dimensions, *p.value_paths, *(k for k, _ in p.where)))
 
 
-def aggregate(
-    plans: Sequence[RollupPlan], events: Sequence[dict[str, Any]], *, now_ms: int | None = None
-) -> Aggregates:
-    """Every rollup's cells for `events` (validated, normalized events).
+def aggregate(plans: Sequence[RollupPlan], events: Sequence[Any], *, now_ms: int | None = None) -> Aggregates:
+    """Every rollup's cells for `events` (views, or validated event dicts).
 
     A rollup with a retention skips events whose bucket is past it at `now_ms`,
     read from the wall clock if not given (the only clock this module reads).
     """
-    if all(plan.spec.retention is None for plan in plans):
-        return {plan.name: aggregate_rollup(plan, events) for plan in plans}
     return aggregate_retained(plans, events, time.time_ns() // 1_000_000 if now_ms is None else now_ms)[0]
 
 
 def aggregate_retained(
-    plans: Sequence[RollupPlan], events: Sequence[dict[str, Any]], now_ms: int
+    plans: Sequence[RollupPlan], events: Sequence[Any], now_ms: int, into: Aggregates | None = None
 ) -> tuple[Aggregates, dict[str, int]]:
     """`aggregate`, except that a rollup with a retention skips events whose bucket is already past it.
 
     Such a bucket may have been deleted by the retention job (core.retention);
     counting a late event into it would bring back a row holding only that
-    event. Returns the aggregates and, per rollup, how many events it would have
-    counted but skipped. The common batch has no event that old and pays one
-    pass over the timestamps.
+    event. Returns the aggregates (added into `into` if given) and, per rollup,
+    how many events it would have counted but skipped. The common batch has no
+    event that old and pays one pass over the timestamps.
     """
-    out: Aggregates = {}
+    out: Aggregates = {} if into is None else into
     expired: dict[str, int] = {}
-    oldest = min((e["ts"] for e in events), default=None)
+    columns = Columns(_as_views(plans, events))
+    oldest = min(columns.raw(("ts",)), default=None) if events else None
     for plan in plans:
-        cutoff = plan.cutoff_ms(now_ms)
-        if cutoff is None or oldest is None or oldest >= cutoff:
-            out[plan.name] = aggregate_rollup(plan, events)
+        cells = out.setdefault(plan.name, {})
+        if oldest is None:
             continue
-        kept = [e for e in events if e["ts"] >= cutoff]
-        where = [(_getter(keys), allowed) for keys, allowed in plan.where]
-        skipped = sum(1 for e in events if e["ts"] < cutoff and (not where or _matches(e, where)))
-        out[plan.name] = aggregate_rollup(plan, kept)
-        if skipped:
-            expired[plan.name] = skipped
+        mask = columns.where_mask(plan.where) if plan.where else None
+        cutoff = plan.cutoff_ms(now_ms)
+        if cutoff is not None and oldest < cutoff:
+            kept = [t >= cutoff for t in columns.raw(("ts",))]
+            matched = mask if mask is not None else [True] * len(kept)
+            skipped = sum(1 for k, m in zip(kept, matched, strict=True) if m and not k)
+            mask = [k and m for k, m in zip(kept, matched, strict=True)]
+            if skipped:
+                expired[plan.name] = skipped
+        aggregate_rollup(plan, columns, mask, cells)
     return out, expired
 
 

@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from consumers.aggregate import Aggregates, RollupPlan, aggregate_retained
-from consumers.decode import DeadLetter, Record, decode
+from consumers.aggregate import Aggregates, RollupPlan, aggregate_retained, plan_keys
+from consumers.decode import DeadLetter, Record
 from consumers.dedup import Candidates
-from consumers.validate import validate
+from consumers.view import View, reader
 from core.retention import expired_events
 
 TP = tuple[str, int]  # (topic, partition); aiokafka's TopicPartition is such a tuple
@@ -50,6 +50,19 @@ class PreparedBatch:
     candidates: Candidates | None = None  # with de-duplication on: the events and their ids
     duplicates: int = 0  # events not counted because their id was seen (set by the flush)
     expired: dict[str, int] = field(default_factory=dict)  # per rollup: events skipped, past its retention
+    request_ids: dict[str, None] = field(default_factory=dict)  # ingest request ids, kept only for debug logs
+
+    def extend(self, advance: Advance) -> None:
+        """Add a partition's advance; one that continues this batch's advance of it extends that one."""
+        for i, mine in enumerate(self.advances):
+            if (mine.topic, mine.partition) == (advance.topic, advance.partition):
+                self.advances[i] = Advance(mine.topic, mine.partition, mine.expected, advance.new)
+                return
+        self.advances.append(advance)
+
+    def ends(self) -> dict[TP, int]:
+        """Where this batch leaves each partition it advances: the next poll's expected offsets."""
+        return {(a.topic, a.partition): a.new for a in self.advances}
 
 
 def prepare(
@@ -59,10 +72,16 @@ def prepare(
     *,
     dedup: bool = False,
     now_ms: int | None = None,
+    into: PreparedBatch | None = None,
 ) -> PreparedBatch:
-    """Everything one Postgres transaction needs for this poll (and, with `dedup`, the events' ids)."""
-    batch = PreparedBatch()
-    events: list[dict[str, Any]] = []
+    """Everything one Postgres transaction needs for this poll (and, with `dedup`, the events' ids).
+
+    With `into`, the poll is added to a batch prepared from earlier polls (whose ends must be
+    `expected` for the partitions they hold): the batch then covers both, as if polled at once.
+    """
+    batch = PreparedBatch() if into is None else into
+    read = reader(plan_keys(plans)).read
+    events: list[View] = []
     for tp in sorted(polled):
         start = expected.get(tp)
         if start is None:
@@ -73,24 +92,23 @@ def prepare(
             continue
         first = records[0]
         if first.offset > start:
-            batch.gaps[tp] = (start, first.offset)
-        batch.advances.append(Advance(first.topic, first.partition, start, records[-1].offset + 1))
+            batch.gaps.setdefault(tp, (start, first.offset))
+        batch.extend(Advance(first.topic, first.partition, start, records[-1].offset + 1))
         if first.timestamp is not None and first.timestamp >= 0:
-            batch.first_timestamp_ms[tp] = first.timestamp
+            batch.first_timestamp_ms.setdefault(tp, first.timestamp)
         batch.records += len(records)
         for record in records:
-            raw, dead = decode(record)
-            if dead is not None:
-                batch.dead.append(dead)
-                continue
-            good, bad = validate(record, raw)
+            good, dead = read(record)
             events.extend(good)
-            batch.dead.extend(bad)
-    batch.events = len(events)
+            if dead:
+                batch.dead.extend(dead)
+    batch.events += len(events)
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    batch.aggregates, batch.expired = aggregate_retained(plans, events, now)
-    for rollup, skipped in batch.expired.items():
+    _, expired = aggregate_retained(plans, events, now, into=batch.aggregates)
+    for rollup, skipped in expired.items():
+        batch.expired[rollup] = batch.expired.get(rollup, 0) + skipped
         expired_events.labels(rollup).inc(skipped)
     if dedup:
-        batch.candidates = Candidates.of(events)
+        found = Candidates.of(events)
+        batch.candidates = found if batch.candidates is None else batch.candidates.joined(found)
     return batch

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from operator import attrgetter
 from typing import Any, Final
 
 # In the first MARGIN of a UTC day, ids are claimed in yesterday's partition as well as today's.
@@ -30,6 +31,7 @@ MARGIN: Final = timedelta(minutes=30)
 COMMIT_DEADLINE: Final = MARGIN / 2
 PARTITION_PREFIX: Final = "tally_seen_events_p"
 _CANONICAL: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_EVENT_ID: Final = attrgetter("event_id")
 _FOREIGN_IDS: Final = uuid.UUID("5f0c1f1e-7a11-4d3e-9a5b-2c6f0e8d4b71")  # namespace for ids that are not UUIDs
 
 
@@ -49,23 +51,33 @@ def dedup_key(event_id: Any) -> str | None:
 class Candidates:
     """A batch's events as candidates for counting: each one's key, and the distinct keys in order."""
 
-    events: list[dict[str, Any]]
+    events: list[Any]  # views (consumers.view), read by `event_id`
     keys: list[str | None] = field(default_factory=list)
     distinct: list[str] = field(default_factory=list)
     repeats: bool = False  # some key occurs twice in this batch
 
     @classmethod
-    def of(cls, events: list[dict[str, Any]]) -> Candidates:
-        keys = [dedup_key(e.get("event_id")) for e in events]
+    def of(cls, events: list[Any]) -> Candidates:
+        ids = list(map(_EVENT_ID, events))
+        # Ingest's ids are canonical already: one C pass checks them all.
+        canonical = None not in ids and all(map(_CANONICAL.fullmatch, ids))
+        keys = ids if canonical else [dedup_key(i) for i in ids]
         distinct = list(dict.fromkeys(k for k in keys if k is not None))
         keyed = len(keys) - keys.count(None)
         return cls(events, keys, distinct, repeats=len(distinct) < keyed)
 
+    def joined(self, later: Candidates) -> Candidates:
+        """These candidates followed by `later`'s, as if `of` had seen all the events at once."""
+        keys = self.keys + later.keys
+        distinct = list(dict.fromkeys(self.distinct + later.distinct))
+        keyed = len(keys) - keys.count(None)
+        return Candidates(self.events + later.events, keys, distinct, repeats=len(distinct) < keyed)
 
-def counted(candidates: Candidates, seen: Iterable[str]) -> list[dict[str, Any]]:
+
+def counted(candidates: Candidates, seen: Iterable[str]) -> list[Any]:
     """The events to count: those without a key, and the first occurrence of each key not in `seen`."""
     skip = set(seen)
-    out: list[dict[str, Any]] = []
+    out: list[Any] = []
     for event, key in zip(candidates.events, candidates.keys, strict=True):
         if key is None:
             out.append(event)

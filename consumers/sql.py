@@ -63,16 +63,11 @@ class Upsert:
     statement: TextClause
 
     def params(self, cells: Cells) -> dict[str, list[Any]]:
-        """Column arrays for `unnest`, rows in key order."""
-        rows = sorted(cells.items())
-        key_width = len(self.plan.dimensions) + 1
-        columns: list[list[Any]] = [[] for _ in range(key_width + len(self.plan.ops))]
-        for key, values in rows:
-            for i, part in enumerate(key):
-                columns[i].append(part)
-            for j, value in enumerate(values):
-                columns[key_width + j].append(value)
-        return {f"c{i}": column for i, column in enumerate(columns)}
+        """Column arrays for `unnest`, rows in key order (transposed in C, not cell by cell)."""
+        keys, values = zip(*sorted(cells.items()), strict=True) if cells else ((), ())
+        width = len(self.plan.dimensions) + 1 + len(self.plan.ops)
+        columns = [*zip(*keys, strict=True), *zip(*values, strict=True)] if cells else [()] * width
+        return {f"c{i}": list(column) for i, column in enumerate(columns)}
 
 
 def upsert(plan: RollupPlan) -> Upsert:

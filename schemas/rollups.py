@@ -8,6 +8,7 @@ and migrations agree on one definition.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -52,7 +53,10 @@ def dimension_text(value: Any) -> str:
         return "true"
     if value is False:
         return "false"
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # an integer beyond 64 bits (orjson writes none): the standard library does
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def granularity_rank(g: str) -> int:

@@ -15,12 +15,13 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
-from consumers.aggregate import aggregate, compile_rollups
+from consumers.aggregate import aggregate, compile_rollups, plan_keys
 from consumers.batch import prepare
 from consumers.dedup import Candidates, partition_name
 from consumers.dedup_store import Dedup, claim, claim_ids, ensure_partitions, expire_partitions
 from consumers.flush import Flusher
 from consumers.registry import registry_version
+from consumers.view import reader
 from core.db import write_engine
 from core.settings import Settings
 from schemas.envelope import pack
@@ -132,14 +133,15 @@ async def test_the_common_case_reuses_the_aggregates_computed_before_the_transac
     engine = write_engine(str(migrated.postgres_url))
     try:
         await ensure_partitions(engine)
-        events = [orjson.loads(e) for e in make_events(30, random.Random(24))]
+        views = reader(plan_keys(plans)).views
+        events = views([orjson.loads(e) for e in make_events(30, random.Random(24))])
         computed = aggregate(plans, events)
         async with engine.begin() as conn:
             fresh = await claim(conn, Candidates.of(events), computed, plans, window_hours=24, opened=time.monotonic())
         assert fresh.aggregates is computed and fresh.duplicates == 0
         async with engine.begin() as conn:
-            again = await claim(conn, Candidates.of([*events[:10], {"type": "new", "ts": 0}]), computed, plans,
-                                window_hours=24, opened=time.monotonic())
+            retried = Candidates.of([*events[:10], *views([{"type": "new", "ts": 0}])])
+            again = await claim(conn, retried, computed, plans, window_hours=24, opened=time.monotonic())
         assert again.duplicates == 10
         assert again.aggregates == aggregate(plans, [{"type": "new", "ts": 0}])
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, date, datetime, timedelta
 
-from consumers.aggregate import compile_rollups
+from consumers.aggregate import compile_rollups, plan_keys
 from consumers.batch import prepare
 from consumers.dedup import (
     COMMIT_DEADLINE,
@@ -21,6 +21,7 @@ from consumers.dedup import (
     partition_name,
     window_days,
 )
+from consumers.view import reader
 from schemas.envelope import pack
 from schemas.events import EventLimits, normalize_event
 from schemas.rollups import parse_rollup
@@ -41,16 +42,21 @@ def test_keys_are_canonical_uuid_text_and_other_ids_still_deduplicate() -> None:
 
 
 def test_the_first_occurrence_of_an_unseen_id_counts_and_events_without_ids_always_do() -> None:
-    a, b, c = ({"type": "x", "event_id": str(uuid.uuid4()), "n": i} for i in range(3))
-    anonymous = {"type": "x", "n": 9}
-    events = [a, b, dict(a, n=10), anonymous, c, dict(anonymous), dict(b, n=11)]
+    plans = compile_rollups([parse_rollup({"name": "r", "dimensions": ["type"], "measures": ["count"]})])
+    views = reader(plan_keys(plans)).views
+    a, b, c = views([{"type": "x", "ts": i, "event_id": str(uuid.uuid4())} for i in range(3)])
+    anonymous, anonymous2 = views([{"type": "x", "ts": 9}] * 2)
+    a2, b2 = views([{"type": "x", "ts": 10, "event_id": a.event_id}, {"type": "x", "ts": 11, "event_id": b.event_id}])
+    events = [a, b, a2, anonymous, c, anonymous2, b2]
     cand = Candidates.of(events)
-    assert cand.distinct == [a["event_id"], b["event_id"], c["event_id"]]
+    assert cand.distinct == [a.event_id, b.event_id, c.event_id]
     assert cand.repeats
-    assert counted(cand, []) == [a, b, anonymous, c, anonymous]
-    assert counted(cand, [b["event_id"]]) == [a, anonymous, c, anonymous]
-    assert counted(cand, [a["event_id"], b["event_id"], c["event_id"]]) == [anonymous, anonymous]
-    assert not Candidates.of([a, b, anonymous, dict(anonymous)]).repeats
+    assert counted(cand, []) == [a, b, anonymous, c, anonymous2]
+    assert counted(cand, [b.event_id]) == [a, anonymous, c, anonymous2]
+    assert counted(cand, [a.event_id, b.event_id, c.event_id]) == [anonymous, anonymous2]
+    assert not Candidates.of([a, b, anonymous, anonymous2]).repeats
+    odd = views([{"type": "x", "ts": 1, "event_id": a.event_id.upper()}, {"type": "x", "ts": 1, "event_id": "k"}])
+    assert Candidates.of(odd).keys == [a.event_id, dedup_key("k")]
 
 
 def test_prepare_collects_candidates_only_when_asked() -> None:
