@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Iterator, Sequence
@@ -138,6 +139,9 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             runner = await start_consumer(settings, engine, dlq, plans, stop)
             runner.flusher.version = version
             health.consumer = runner.consumer
+            # What is alive now (modules, clients, pools) lives as long as the process: out of the
+            # collector's way, so the collections the batches trigger do not walk it each time.
+            gc.freeze()
             log.info(
                 "consuming %s as group %s; metrics on %s:%d",
                 settings.topic,
@@ -146,6 +150,7 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
                 settings.consumer_metrics_port,
             )
             await consume(runner, stop)
+            await runner.drain()
         except Stopped as exc:
             log.warning("stopped before the work in hand was done (nothing of it committed): %s", exc)
         finally:

@@ -72,6 +72,11 @@ consumer_batch_seconds = Histogram(
     "tally_consumer_batch_seconds", "Time to apply one batch to Postgres", buckets=_LATENCY
 )
 consumer_events_applied = Counter("tally_consumer_events_applied_total", "Events counted into rollups")
+consumer_prepared_events = Gauge(
+    "tally_consumer_prepared_events",
+    "Events decoded and aggregated, waiting for the batch in flight to commit",
+    multiprocess_mode="livesum",
+)
 consumer_rows_upserted = Counter("tally_consumer_rows_upserted_total", "Rollup rows upserted", ["rollup"])
 consumer_fenced = Counter("tally_consumer_fenced_total", "Batches refused because the stored offset moved")
 consumer_duplicates = Counter(

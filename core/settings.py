@@ -109,8 +109,10 @@ class Settings(BaseSettings):
     rate_limit_lease_seconds: float = Field(0.25, ge=0, le=1.0)
 
     # Consumer.
-    batch_max_records: int = 2_000  # records (envelopes) per poll
-    batch_max_wait_ms: int = 250
+    # A batch is what arrived while the one before it was being committed, up to these bounds.
+    batch_max_records: int = Field(2_000, ge=1)  # records (envelopes) per transaction
+    batch_max_events: int = Field(200_000, ge=1)  # events per transaction (memory: ~0.3 KB each)
+    batch_max_wait_ms: int = Field(250, ge=0)  # how long an idle poll waits for the first record
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     dedup: bool = False  # drop events whose event_id was already counted (tally_seen_events)
