@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import text
@@ -26,6 +25,7 @@ from sqlalchemy import text
 from core import devenv, devstack
 from core.db import write_engine
 from core.migrate import migrate
+from core.restart import Child, RestartPolicy, how_it_ended
 from core.settings import Settings
 
 log = logging.getLogger("tally.dev")
@@ -77,19 +77,7 @@ def spawn(command: str, settings: Settings) -> subprocess.Popen[bytes]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class RestartPolicy:
-    """How `tally dev` restarts a child that exited: after `first` seconds, doubling to `longest`;
-    a child that ran `healthy` seconds starts again from `first`."""
-
-    first: float = 0.5
-    longest: float = 30.0
-    healthy: float = 30.0
-
-    def delay(self, failures: int) -> float:
-        return float(min(self.longest, self.first * 2 ** max(0, failures - 1)))
-
-
+RESTART = RestartPolicy()  # how `tally dev` restarts a child that exited
 STALE_ROLLUPS = 3  # `tally consume`'s exit status when `tally migrate` registered other rollups
 # Which children read the rollups file at start: after a `tally migrate`, they must start again.
 READS_ROLLUPS = ("query", "consume")
@@ -102,18 +90,7 @@ def exit_reason(name: str, code: int) -> str:
             f"{name} exited with {code}: its rollups file differs from the one `tally migrate` registered; "
             f"restarting {' and '.join(READS_ROLLUPS)} with the current file (run `tally migrate` if you changed it)"
         )
-    how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
-    return f"{name} {how}; restarting it"
-
-
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    started: float
-    failures: int = 0
-    restart_at: float | None = None  # set while it waits to be started again
-    stopped_for: str | None = None  # set when the supervisor itself stopped it, and why
+    return f"{name} {how_it_ended(code)}; restarting it"
 
 
 async def run_dev(settings: Settings, *, demo: bool, demo_rate: int) -> None:
@@ -163,9 +140,8 @@ def _restart_due(children: dict[str, Child], policy: RestartPolicy, now: float) 
             log.warning("%s stopped %s (pid %d)", child.name, child.stopped_for, child.process.pid)
             child.restart_at, child.stopped_for = now, None
             continue
-        child.failures = 1 if now - child.started >= policy.healthy else child.failures + 1
+        child.schedule_restart(policy, now)
         log.warning("%s (pid %d)", exit_reason(child.name, code), child.process.pid)
-        child.restart_at = now + policy.delay(child.failures)
         if child.name == "consume" and code == STALE_ROLLUPS:
             for name in READS_ROLLUPS:  # the query service must serve the new rollups too
                 other = children.get(name)
@@ -180,7 +156,7 @@ async def _supervise(
     *,
     demo: bool,
     demo_rate: int,
-    policy: RestartPolicy = RestartPolicy(),
+    policy: RestartPolicy = RESTART,
 ) -> None:
     """Keep every child running until Ctrl-C or SIGTERM: one that exits (a crash, a kill -9, the
     consumer's exit 3 after `tally migrate`) is started again with backoff, the rest keep serving."""
