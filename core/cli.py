@@ -65,6 +65,13 @@ def _serve(app_path: str, settings: Settings, port: int, workers: int, server: s
     servers.serve(app_path, settings, port=port, workers=workers)
 
 
+def _at_least_one(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def _attach_relative_times(argv: Sequence[str]) -> list[str]:
     """`--since -1h` as `--since=-1h`: argparse would take `-1h` for an option and refuse it."""
     out: list[str] = []
@@ -90,7 +97,14 @@ def _parser() -> argparse.ArgumentParser:
             choices=servers.SERVERS,
             help=f"the HTTP server (default: TALLY_SERVER, else {servers.DEFAULT_SERVER}); only granian speaks HTTP/2",
         )
-    sub.add_parser("consume", help="run one consumer against configured servers")
+    consume = sub.add_parser("consume", help="run consumers of one group against configured servers")
+    consume.add_argument(
+        "--processes",
+        type=_at_least_one,
+        default=1,
+        metavar="N",
+        help="consumer processes under one supervisor, metrics on TALLY_CONSUMER_METRICS_PORT + i (default 1)",
+    )
     sub.add_parser("migrate", help="create topics, the offsets table and every rollup table")
     backfill = sub.add_parser("backfill", help="fill a new rollup's past from the topic, exactly once")
     backfill.add_argument("rollup", help="the rollup's name in the rollups file")
@@ -247,6 +261,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "query":
         settings.require("kafka_bootstrap", "postgres_url", "redis_url")
         _serve("query.app:app_from_env", settings, settings.query_port, args.workers, args.server)
+    elif args.command == "consume" and args.processes > 1:
+        supervisor = importlib.import_module("consumers.supervise")
+        return int(supervisor.supervise(settings, args.processes, [sys.executable, "-m", "core.cli", "consume"]))
     elif args.command == "consume":
         consumer = importlib.import_module("consumers.main")
         return int(consumer.serve(settings))
