@@ -1,7 +1,7 @@
 """Consumer throughput on two workload shapes, each beside what bounds it, measured in the same run.
 
     .venv/bin/python -m bench.consumer_throughput [--live-events 600000] [--spread-events 300000]
-        [--batch 100] [--processes 2] [--dedup-shapes live spread] [--direct-runs 2] [--no-dedup-limits]
+        [--batch 100] [--processes 2] [--dedup-shapes live spread] [--limit-runs 2] [--no-dedup-limits]
         [--read-repeats 3] [--no-fsync] [--json out.json]
 
 (`measure()` returns the figures, for bench.suite.)
@@ -24,17 +24,19 @@ in two batches is upserted twice), and only its counter says what it did.
 
 Limits, in the same run:
 (a) read only: getmany + decode of every record by this process, no aggregation, no database
-    (the best of --read-repeats reads of the topic); its polls are kept and prepared into
-    batches (consumers.batch.prepare) for (b) and (c);
+    (the best of --read-repeats reads of the topic). Its polls are kept, joined into batches of
+    the consumer's mean batch in its window (the pipelined consumer adds polls to a batch while
+    the one before commits, so its batch size follows its speed and is known only after it ran)
+    and prepared (consumers.batch.prepare) for (b) and (c);
 (b) COPY: the cells those batches upsert (bucket, dimensions, measures per rollup) written with
     asyncpg `copy_records_to_table` into UNLOGGED tables of the same columns, without indexes
     or constraints, one transaction per batch: the fastest way Postgres takes those rows (the
     records are built beforehand; their binary encoding is timed);
 (c) Postgres direct: the same transactions the consumer would run (offset updates, claims with
     dedup, upserts), pre-aggregated, no Kafka, through consumers.flush.Flusher.
-(b) and (c) run before and after the consumer (--direct-runs 2; the mean is the limit) so that
-the shared machine's drift moves a figure and its limit together; with 1, after only. With
-dedup on, (c) runs with dedup too, unless --no-dedup-limits (bench.suite's quick mode).
+(b) and (c) run right after the consumer, --limit-runs times each (the mean is the limit), each
+in a fresh database, so that the shared machine's drift moves a figure and its limits
+together. With dedup on, (c) runs with dedup too, unless --no-dedup-limits (the quick suite).
 
 Then, optionally: the consumer with TALLY_DEDUP on (--dedup-shapes), and N consumer processes
 in one group on the live shape (--processes; against the 1-process live figure).
@@ -103,9 +105,9 @@ PARTITIONS = 6
 SHAPES = ("live", "spread")
 LIVE_WINDOW_MS = 120_000
 POOL = 20_000  # distinct demo events the topic's events are drawn from
-# `tally consume --processes N` is being added; until it exists, N processes are N separate
-# `tally consume` commands in one group (the same effect). Set True when it does.
-CONSUME_HAS_PROCESSES = False
+# N consumer processes: one `tally consume --processes N` (consumers.supervise), or, False, N
+# separate `tally consume` commands in one group (the same effect, without the supervisor).
+CONSUME_HAS_PROCESSES = True
 
 
 # -- the topic ------------------------------------------------------------------------------------
@@ -388,9 +390,9 @@ def free_ports(count: int) -> list[int]:
 async def start_consumers(settings: Settings, processes: int, log: Path) -> tuple[list[Any], list[int]]:
     """`processes` consumers of settings.consumer_group, their output in `log`; (the processes, metrics ports).
 
-    Today: `processes` separate `tally consume` commands, each with its own metrics port. With
-    CONSUME_HAS_PROCESSES: one `tally consume --processes N`, whose child i serves its metrics on
-    TALLY_CONSUMER_METRICS_PORT + i (consumers.supervise).
+    With CONSUME_HAS_PROCESSES: one `tally consume --processes N`, whose child i serves its metrics
+    on TALLY_CONSUMER_METRICS_PORT + i (consumers.supervise); otherwise N separate `tally consume`
+    commands, each with its own metrics port.
     """
     ports = free_ports(processes)
     if CONSUME_HAS_PROCESSES and processes > 1:
@@ -509,6 +511,24 @@ async def limits(admin_url: str, topic: Topic, batches: list[PreparedBatch], tag
     return direct_rate, copy_rate
 
 
+def regroup(polls: list[dict[Any, list[Any]]], records: int) -> list[dict[Any, list[Any]]]:
+    """Consecutive polls joined into batches as near `records` records as whole polls allow."""
+    out: list[dict[Any, list[Any]]] = []
+    current: dict[Any, list[Any]] = {}
+    count = 0
+    for polled in polls:
+        size = sum(len(batch) for batch in polled.values())
+        if count and abs(count + size - records) > abs(count - records):
+            out.append(current)
+            current, count = {}, 0
+        for tp, batch in polled.items():
+            current.setdefault(tp, []).extend(batch)
+        count += size
+    if current:
+        out.append(current)
+    return out
+
+
 async def shape_run(args: argparse.Namespace, admin_url: str, topic: Topic, tmp: Path) -> dict[str, Any]:
     # The read limit is the best of a few reads (each is short: a fraction of a second over the topic).
     read_rate, polls = 0.0, []
@@ -516,36 +536,21 @@ async def shape_run(args: argparse.Namespace, admin_url: str, topic: Topic, tmp:
         rate, polled = await read_only(topic.settings, topic.ends)
         if rate > read_rate:
             read_rate, polls = rate, polled
-    batches = prepare_batches(topic.settings, polls)
-    rows = sum(batch_rows(b) for b in batches)
-    events = sum(b.events for b in batches)
     out: dict[str, Any] = {
-        "events": topic.events, "envelope_bytes": topic.envelope_bytes, "polls": len(batches),
-        "prepared_rows": rows, "prepared_rows_per_batch": round(rows / len(batches)),
-        "prepared_events_per_row": round(events / rows, 1) if rows else None,
+        "events": topic.events, "envelope_bytes": topic.envelope_bytes, "read_polls": len(polls),
         "read_only_events_per_s": round(read_rate),
     }
-    copies: list[float] = []
     for dedup in (False, True):
         if dedup and topic.shape not in args.dedup_shapes:
             continue
         tag = "dedup_on" if dedup else "dedup_off"
-        with_limits = not dedup or args.dedup_limits  # Postgres direct with dedup: optional (quick: not)
-        directs: list[float] = []
-        # Limits before and after the consumer (the mean is the limit), so that the machine's drift
-        # during the run (it is shared) moves the figure and its limits together; or after only.
-        for when in ("before", "after"):
-            if when == "after":
-                async with fresh_database(admin_url) as url:
-                    s = topic.settings.model_copy(
-                        update={"postgres_url": url, "consumer_group": f"bench-{topic.shape}-{tag}", "dedup": dedup}
-                    )
-                    applied = await consumer_run(s, topic.ends, args.batch, 1, tmp)
-            if with_limits and (when == "after" or args.direct_runs >= 2):
-                d, c = await limits(admin_url, topic, batches, tag, dedup=dedup, copy=not dedup)
-                directs.append(d)
-                copies += [c] if c is not None else []
-        out[tag] = {
+        async with fresh_database(admin_url) as url:
+            s = topic.settings.model_copy(
+                update={"postgres_url": url, "consumer_group": f"bench-{topic.shape}-{tag}", "dedup": dedup}
+            )
+            applied = await consumer_run(s, topic.ends, args.batch, 1, tmp)
+        batches = max(1, applied.window_batches)
+        r: dict[str, Any] = {
             "consumer_events_per_s": round(applied.events_per_s),
             "consumer_rows_per_s": round(applied.rows_per_s),
             "measured_events": applied.window_events,
@@ -553,25 +558,47 @@ async def shape_run(args: argparse.Namespace, admin_url: str, topic: Topic, tmp:
             "measured_batches": applied.window_batches,
             "measured_seconds": round(applied.window_s, 2),
             "consumer_seconds_total": round(applied.total_s, 1),
-            "consumer_rows_per_batch": round(applied.window_rows / applied.window_batches)
-            if applied.window_batches else None,
+            "consumer_events_per_batch": round(applied.window_events / batches),
+            "consumer_rows_per_batch": round(applied.window_rows / batches),
             "ratio_to_read_only": round(applied.events_per_s / read_rate, 3),
         }
-        if directs:
-            direct_rate = sum(directs) / len(directs)
-            out[tag].update({
-                "postgres_direct_events_per_s": round(direct_rate),
-                "postgres_direct_rows_per_s": round(direct_rate * rows / events) if events else None,
-                "postgres_direct_runs": [round(r) for r in directs],
-                "ratio_to_postgres_direct": round(applied.events_per_s / direct_rate, 3),
-            })
-    copy_rate = sum(copies) / len(copies)
-    out["copy_rows_per_s"] = round(copy_rate)
-    out["copy_runs"] = [round(r) for r in copies]
-    off = out["dedup_off"]
-    off["rows_ratio_to_copy"] = round(off["consumer_rows_per_s"] / copy_rate, 3)
+        out[tag] = r
+        if dedup and not args.dedup_limits:  # Postgres direct with dedup is optional (quick: not)
+            continue
+        # The limits' transactions are the consumer's size: the read's polls joined to its mean batch
+        # (the pipelined consumer adds polls to a batch while the one before commits, so its batches
+        # follow its speed and are known only now). Right after it, so that the shared machine's
+        # drift moves the figure and its limits together.
+        per_batch = min(topic.settings.batch_max_records, max(1, round(applied.window_events / batches / args.batch)))
+        prepared = prepare_batches(topic.settings, regroup(polls, per_batch))
+        rows = sum(batch_rows(b) for b in prepared)
+        events = sum(b.events for b in prepared)
+        directs: list[float] = []
+        copies: list[float] = []
+        for _ in range(max(1, args.limit_runs)):
+            d, c = await limits(admin_url, topic, prepared, tag, dedup=dedup, copy=not dedup)
+            directs.append(d)
+            copies += [c] if c is not None else []
+        direct_rate = sum(directs) / len(directs)
+        r.update({
+            "limit_batches": len(prepared),
+            "limit_records_per_batch": per_batch,
+            "limit_rows_per_batch": round(rows / len(prepared)),
+            "limit_events_per_row": round(events / rows, 1) if rows else None,
+            "postgres_direct_events_per_s": round(direct_rate),
+            "postgres_direct_rows_per_s": round(direct_rate * rows / events) if events else None,
+            "postgres_direct_runs": [round(x) for x in directs],
+            "ratio_to_postgres_direct": round(applied.events_per_s / direct_rate, 3),
+        })
+        if copies:
+            copy_rate = sum(copies) / len(copies)
+            out["copy_rows_per_s"] = round(copy_rate)
+            out["copy_runs"] = [round(x) for x in copies]
+            r["rows_ratio_to_copy"] = round(r["consumer_rows_per_s"] / copy_rate, 3)
     if "dedup_on" in out:
-        out["dedup_on_vs_off"] = round(out["dedup_on"]["consumer_events_per_s"] / off["consumer_events_per_s"], 3)
+        out["dedup_on_vs_off"] = round(
+            out["dedup_on"]["consumer_events_per_s"] / out["dedup_off"]["consumer_events_per_s"], 3
+        )
     return out
 
 
@@ -584,7 +611,7 @@ async def run(args: argparse.Namespace, kafka_url: str, admin_url: str, tmp: Pat
     row: dict[str, Any] = {"benchmark": "consumer", "events_per_record": args.batch, "partitions": PARTITIONS,
                            "batch_max_records": base.batch_max_records, "cores": os.cpu_count(),
                            "postgres_fsync": not args.no_fsync, "read_repeats": args.read_repeats,
-                           "direct_runs": args.direct_runs, "shapes": {}, "seconds": {}}
+                           "limit_runs": args.limit_runs, "shapes": {}, "seconds": {}}
     sizes = {"live": args.live_events, "spread": args.spread_events}
     topics = {}
     for shape in args.shapes:
@@ -618,12 +645,12 @@ async def run(args: argparse.Namespace, kafka_url: str, admin_url: str, tmp: Pat
 
 def measure(*, live_events: int = 600_000, spread_events: int = 300_000, batch: int = 100, fsync: bool = True,
             shapes: Sequence[str] = SHAPES, dedup_shapes: Sequence[str] = ("live", "spread"),
-            processes: Sequence[int] = (2,), read_repeats: int = 3, direct_runs: int = 2,
+            processes: Sequence[int] = (2,), read_repeats: int = 3, limit_runs: int = 2,
             dedup_limits: bool = True, tmp: Path | None = None) -> dict[str, Any]:
     """Start a broker and Postgres, run the benchmark, stop them; the figures."""
     args = argparse.Namespace(live_events=live_events, spread_events=spread_events, batch=batch, no_fsync=not fsync,
                               shapes=tuple(shapes), dedup_shapes=tuple(dedup_shapes), processes=tuple(processes),
-                              read_repeats=read_repeats, direct_runs=direct_runs, dedup_limits=dedup_limits)
+                              read_repeats=read_repeats, limit_runs=limit_runs, dedup_limits=dedup_limits)
     tmp = tmp or Path(tempfile.mkdtemp(prefix="tally-bench-"))
     broker = devstack.kafka(devstack.free_port()).start()
     postgres = devstack.postgres(tmp / "pg" / "data", devstack.free_port(), durable=fsync).start()
@@ -640,16 +667,19 @@ def measure(*, live_events: int = 600_000, spread_events: int = 300_000, batch: 
 def conditions(row: dict[str, Any], shape: str) -> str:
     """What every figure of a shape was measured under."""
     s = row["shapes"][shape]
+    off = s["dedup_off"]
     return (f"{shape}: {s['events']:,} events, {row['events_per_record']}/envelope ({s['envelope_bytes']:,} B), "
-            f"{row['partitions']} partitions, {s['polls']} polls of <= {row['batch_max_records']} records "
-            f"({s['prepared_rows_per_batch']:,} rows each), {row['cores']} cores shared, "
+            f"{row['partitions']} partitions; consumer: {off['measured_batches']} batches of "
+            f"{off['consumer_events_per_batch']:,} events, {off['consumer_rows_per_batch']:,} rows in its window "
+            f"({off['measured_seconds']} s); "
+            f"limits: {off['limit_batches']} txns of {off['limit_records_per_batch']} records, "
+            f"{off['limit_rows_per_batch']:,} rows (read: {s['read_polls']} polls); {row['cores']} cores shared; "
             f"Postgres fsync {'on' if row['postgres_fsync'] else 'off'}")
 
 
 def report(row: dict[str, Any]) -> list[str]:
-    limits_when = "before and after the consumer, mean" if row["direct_runs"] >= 2 else "after the consumer"
-    lines = [f"1 `tally consume` process, default rollups; limits {limits_when}; "
-             f"read only: best of {row['read_repeats']}"]
+    lines = [f"1 `tally consume` process, default rollups; limits right after the consumer (mean of "
+             f"{row['limit_runs']}), in transactions of its mean batch; read only: best of {row['read_repeats']}"]
     for shape, s in row["shapes"].items():
         lines.append(f"-- {conditions(row, shape)}")
         lines.append(f"   read only (getmany + decode)   {s['read_only_events_per_s']:>10,} events/s")
@@ -696,15 +726,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="events per envelope (ingest's chunking)")
     parser.add_argument("--no-fsync", action="store_true", help="Postgres with fsync and synchronous_commit off")
     parser.add_argument("--read-repeats", type=int, default=3, help="reads of the topic; the best is the limit")
-    parser.add_argument("--direct-runs", type=int, choices=(1, 2), default=2,
-                        help="limits (b) and (c) before and after the consumer (2), or after only (1)")
+    parser.add_argument("--limit-runs", type=int, default=2, help="runs of limits (b) and (c); the mean is the limit")
     parser.add_argument("--no-dedup-limits", action="store_true",
                         help="with dedup on, the consumer only (no Postgres direct with dedup beside it)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     row = measure(live_events=args.live_events, spread_events=args.spread_events, batch=args.batch,
                   fsync=not args.no_fsync, shapes=args.shapes, dedup_shapes=args.dedup_shapes,
-                  processes=args.processes, read_repeats=args.read_repeats, direct_runs=args.direct_runs,
+                  processes=args.processes, read_repeats=args.read_repeats, limit_runs=args.limit_runs,
                   dedup_limits=not args.no_dedup_limits)
     for line in report(row):
         print(line)
