@@ -69,6 +69,8 @@ import asyncpg
 import httpx
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from bench.procs import cpu_seconds
+
 # The consumer's own steps, called here and nowhere else in this module: when their signatures
 # change (consumers/* is being reworked), only this block and the three helpers below move.
 from consumers.aggregate import RollupPlan, compile_rollups
@@ -328,6 +330,7 @@ class Applied:
     window_s: float
     total_s: float
     window_from: str  # where the window opened
+    cpu_cores: float = float("nan")  # the consumer processes' CPU in the window, in cores (1.0: one core busy)
 
 
 @dataclass
@@ -428,6 +431,8 @@ async def consumer_run(settings: Settings, ends: dict[int, int], events_per_reco
         async with httpx.AsyncClient(timeout=5.0) as http:
             first: tuple[float, Counters] | None = None  # the first scrape after any commit
             opened: tuple[float, Counters] | None = None  # the first scrape after every process committed
+            cpu_opened: float | None = None
+            cpu_closed = 0.0
             while True:
                 done = int(await conn.fetchval(
                     "SELECT coalesce(sum(next_offset), 0) FROM tally_offsets WHERE group_id = $1",
@@ -435,6 +440,7 @@ async def consumer_run(settings: Settings, ends: dict[int, int], events_per_reco
                 ))
                 end = time.perf_counter()
                 if done >= total_records:
+                    cpu_closed = sum(cpu_seconds(p.pid, children=True) for p in procs)
                     break
                 if done and opened is None:
                     counters = await scrape(http, ports)
@@ -443,6 +449,7 @@ async def consumer_run(settings: Settings, ends: dict[int, int], events_per_reco
                         first = seen
                     if all(c is not None and c.events for c in counters):
                         opened = seen
+                        cpu_opened = sum(cpu_seconds(p.pid, children=True) for p in procs)
                 for proc in procs:
                     if proc.returncode is not None:
                         raise RuntimeError(f"a consumer exited with {proc.returncode}; see {log}")
@@ -467,8 +474,9 @@ async def consumer_run(settings: Settings, ends: dict[int, int], events_per_reco
         events, rows, seconds = total_events - c0.events, final.rows - c0.rows, end - t0
         if events <= 0 or seconds <= 0:
             raise RuntimeError(f"nothing left to measure after the first batch: more events ({total_events:,})")
+        cores = (cpu_closed - cpu_opened) / seconds if cpu_opened is not None else float("nan")
         return Applied(processes, events / seconds, rows / seconds, events, rows, final.batches - c0.batches,
-                       seconds, end - started, window_from)
+                       seconds, end - started, window_from, cores)
     finally:
         await conn.close()
         for proc in procs:
@@ -561,6 +569,8 @@ async def shape_run(args: argparse.Namespace, admin_url: str, topic: Topic, tmp:
             "consumer_events_per_batch": round(applied.window_events / batches),
             "consumer_rows_per_batch": round(applied.window_rows / batches),
             "ratio_to_read_only": round(applied.events_per_s / read_rate, 3),
+            "consumer_cpu_cores": round(applied.cpu_cores, 2),
+            "consumer_cpu_us_per_event": round(1e6 * applied.cpu_cores / applied.events_per_s, 2),
         }
         out[tag] = r
         if dedup and not args.dedup_limits:  # Postgres direct with dedup is optional (quick: not)
@@ -695,7 +705,8 @@ def report(row: dict[str, Any]) -> list[str]:
                 + (f", {r['ratio_to_postgres_direct']:.3f} of Postgres direct" if "postgres_direct_runs" in r else "")
                 + (f", rows {r['rows_ratio_to_copy']:.3f} of COPY" if "rows_ratio_to_copy" in r else "")
                 + f"; {r['measured_events']:,} events, {r['measured_rows']:,} rows in {r['measured_batches']} "
-                f"batches, {r['measured_seconds']} s)"
+                f"batches, {r['measured_seconds']} s; consumer CPU {r['consumer_cpu_cores']:.2f} cores, "
+                f"{r['consumer_cpu_us_per_event']:.2f} µs/event)"
             )
             if "postgres_direct_events_per_s" not in r:
                 continue

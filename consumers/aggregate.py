@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from functools import reduce
 from itertools import compress, repeat
-from operator import attrgetter, mod, sub
+from operator import attrgetter, floordiv
 from typing import Any, Final
 
 from consumers.view import View, attribute, keys_of, props_type, reader
@@ -201,20 +201,33 @@ _STR_OR_NONE: Final = frozenset({str, type(None)})
 _NONE_IS_EMPTY: Final = {None: ""}
 
 
+def _strings(col: list[Any]) -> set[Any] | None:
+    """The distinct values of a column that holds only strings and None, else None.
+
+    One pass: the set is built first and only its few members are type-checked. A column
+    with any other value (numbers and booleans hash alike: 1 == 1.0 == True) is read value by value.
+    """
+    try:
+        distinct = set(col)
+    except TypeError:  # a list or an object
+        return None
+    return distinct if set(map(type, distinct)) <= _STR_OR_NONE else None
+
+
 def _where_text(col: list[Any]) -> list[Any]:
     """`_matches`' comparison text: strings as they are, anything else `stringify`d."""
-    kinds = set(map(type, col))
-    if kinds <= _STR_OR_NONE:
-        return col if type(None) not in kinds else list(map(_NONE_IS_EMPTY.get, col, col))
+    distinct = _strings(col)
+    if distinct is not None:
+        return col if None not in distinct else list(map(_NONE_IS_EMPTY.get, col, col))
     return [v if type(v) is str else stringify(v) for v in col]
 
 
 def _dimension_text(col: list[Any], cap: int) -> list[Any]:
     """A dimension column as stored: `fit(stringify(v), cap)`, computed once per distinct string."""
-    kinds = set(map(type, col))
-    if kinds <= _STR_OR_NONE:
+    distinct = _strings(col)
+    if distinct is not None:
         short = cap // 4  # a str this short fits in `cap` bytes whatever its characters
-        fix = {v: fit(stringify(v), cap) for v in set(col) if v is None or len(v) > short or "\x00" in v}
+        fix = {v: fit(stringify(v), cap) for v in distinct if v is None or len(v) > short or "\x00" in v}
         return list(map(fix.get, col, col)) if fix else col
     return [fit(stringify(v), cap) for v in col]
 
@@ -240,10 +253,13 @@ def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None
     if not ts:
         return cells
     width = plan.width_ms
-    starts = list(map(sub, ts, map(mod, ts, repeat(width))))
+    slots = map(floordiv, ts, repeat(width))  # the bucket's number: its start is slot * width
     dims = [_dimension_text(pick(columns.raw(keys)), plan.dimension_bytes) for keys in plan.dimensions]
-    keys = list(zip(starts, *dims, strict=True))
-    counts = Counter(keys)
+    if not plan.value_paths:  # counts only: the keys need not be kept
+        counts = Counter(zip(slots, *dims, strict=True))
+    else:
+        keys = list(zip(slots, *dims, strict=True))
+        counts = Counter(keys)
     numbers: list[dict[Key, list[Any]]] = []
     for path in plan.value_paths:
         values = pick(columns.raw(path))
@@ -262,10 +278,10 @@ def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None
     empty = plan.empty()
     buckets: dict[int, datetime] = {}
     for key, n in counts.items():
-        start = key[0]
-        bucket = buckets.get(start)
+        slot = key[0]
+        bucket = buckets.get(slot)
         if bucket is None:
-            bucket = buckets[start] = EPOCH + timedelta(milliseconds=start)
+            bucket = buckets[slot] = EPOCH + timedelta(milliseconds=slot * width)
         row = (bucket, *key[1:])
         cell = cells.get(row)
         if cell is None:
