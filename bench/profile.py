@@ -84,16 +84,17 @@ async def _consume_profiled(py_spy: str, shape: str, events: int, rate: int, out
             await ct.migrate_database(settings)
             procs, _ = await ct.start_consumers(settings, 1, tmp / "consume.log")
             spy = [py_spy, "record", "--pid", str(procs[0].pid), "--rate", str(rate), "--nonblocking"]
-            recorders = [subprocess.Popen([*spy, "--format", fmt, "--output", str(path)],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            recorders = [await asyncio.create_subprocess_exec(*spy, "--format", fmt, "--output", str(path),
+                                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                          for fmt, path in (("raw", raw), ("flamegraph", svg))]
             conn = await asyncpg.connect(url)
             started = time.monotonic()
             cpu_before = cpu_seconds(procs[0].pid)
             try:
-                while int(await conn.fetchval("SELECT coalesce(sum(next_offset), 0) FROM tally_offsets")) < sum(
-                    topic.ends.values()
-                ):
+                total = sum(topic.ends.values())
+                while True:
+                    if int(await conn.fetchval("SELECT coalesce(sum(next_offset), 0) FROM tally_offsets")) >= total:
+                        break
                     await asyncio.sleep(0.05)
                 cpu, wall = cpu_seconds(procs[0].pid) - cpu_before, time.monotonic() - started
             finally:
@@ -101,7 +102,7 @@ async def _consume_profiled(py_spy: str, shape: str, events: int, rate: int, out
                 procs[0].terminate()
                 await procs[0].wait()
                 for recorder in recorders:
-                    recorder.wait(60)
+                    await asyncio.wait_for(recorder.wait(), 60)
     finally:
         broker.stop()
         postgres.stop()
