@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -23,7 +24,7 @@ from consumers.aggregate import RollupPlan
 from consumers.batch import PreparedBatch
 from consumers.dedup_store import Claimed, Dedup
 from consumers.retry import postgres_transient, retrying
-from consumers.sql import ADVANCE_OFFSET, RECORD_STARTS, Upsert, upsert
+from consumers.sql import ADVANCE_OFFSET, COPY_MIN_ROWS, RECORD_STARTS, Upsert, upsert
 from core import metrics
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,15 @@ class Flusher:
                     aggregates, batch.duplicates = claimed.aggregates, claimed.duplicates
                 for up in self.upserts:
                     cells = aggregates.get(up.plan.name)
-                    if cells:
+                    if not cells:
+                        continue
+                    if len(cells) < COPY_MIN_ROWS:
                         await conn.execute(up.statement, up.params(cells))
+                        continue
+                    await conn.execute(up.create_stage)  # once per connection; a no-op after
+                    driver: Any = (await conn.get_raw_connection()).driver_connection
+                    await driver.copy_records_to_table(up.stage, records=up.records(cells), columns=up.columns)
+                    await conn.execute(up.from_stage)
                 starting = [a for a in batch.advances if (a.topic, a.partition) not in self._started]
                 for adv in starting if self.record_starts else ():
                     await conn.execute(

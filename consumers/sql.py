@@ -1,10 +1,11 @@
 """SQL text for the flush, built once per rollup spec. Pure.
 
 One `INSERT ... SELECT FROM unnest(arrays) ON CONFLICT DO UPDATE` per rollup and
-batch: one round trip whatever the number of rows. Identifiers come only from
-validated spec names (the spec parser restricts them) and are quoted anyway.
-Rows are sent sorted by key so that concurrent consumers lock rows in the same
-order and do not deadlock each other.
+batch: one round trip whatever the number of rows; from COPY_MIN_ROWS rows, COPY into
+a temporary staging table and one `INSERT ... SELECT` from it, which is faster for
+many rows. Identifiers come only from validated spec names (the spec parser restricts
+them) and are quoted anyway. Rows are merged in key order so that concurrent
+consumers lock rows in the same order and do not deadlock each other.
 """
 
 from __future__ import annotations
@@ -55,19 +56,34 @@ def _merge_expression(table: str, column: str, op: str) -> str:
     return f"{'LEAST' if op == 'min' else 'GREATEST'}({mine}, {theirs})"  # both ignore NULLs
 
 
+# From this many rows up, a rollup's cells are COPied into a staging table and merged with one
+# INSERT ... SELECT: 1.3-1.6x the rows/s of the unnest statement at 10k-50k rows, no gain at 1k
+# (bench/upsert_paths.py, docs/performance.md).
+COPY_MIN_ROWS = 5_000
+
+
 @dataclass(frozen=True, slots=True)
 class Upsert:
-    """The statement adding one batch's cells into one rollup table."""
+    """The statements adding one batch's cells into one rollup table: unnest for a few rows, COPY for many."""
 
     plan: RollupPlan
-    statement: TextClause
+    statement: TextClause  # INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT
+    columns: tuple[str, ...]  # the table's columns, in the cells' order (key, then measures)
+    stage: str  # a temporary table of the same columns, emptied at every commit
+    create_stage: TextClause
+    from_stage: TextClause  # INSERT ... SELECT FROM stage ... ON CONFLICT
 
     def params(self, cells: Cells) -> dict[str, list[Any]]:
-        """Column arrays for `unnest`, rows in key order (transposed in C, not cell by cell)."""
-        keys, values = zip(*sorted(cells.items()), strict=True) if cells else ((), ())
-        width = len(self.plan.dimensions) + 1 + len(self.plan.ops)
-        columns = [*zip(*keys, strict=True), *zip(*values, strict=True)] if cells else [()] * width
+        """Column arrays for `unnest` (transposed in C, not cell by cell; Postgres sorts them)."""
+        width = len(self.columns)
+        if not cells:
+            return {f"c{i}": [] for i in range(width)}
+        columns = [*zip(*cells.keys(), strict=True), *zip(*cells.values(), strict=True)]
         return {f"c{i}": list(column) for i, column in enumerate(columns)}
+
+    def records(self, cells: Cells) -> list[tuple[Any, ...]]:
+        """The cells as rows for COPY into the stage."""
+        return list(map(tuple.__add__, cells.keys(), map(tuple, cells.values())))
 
 
 def upsert(plan: RollupPlan) -> Upsert:
@@ -75,13 +91,24 @@ def upsert(plan: RollupPlan) -> Upsert:
     table = quote(spec.table)
     keys = [quote(c) for c in spec.key_columns]
     measures = [(quote(m.column), m.op) for m in spec.measures]
+    columns = [*keys, *(c for c, _ in measures)]
     types = ["timestamptz", *["text"] * len(spec.dimensions), *[_PG_TYPE[op] for _, op in measures]]
     arrays = ", ".join(f"CAST(:c{i} AS {t}[])" for i, t in enumerate(types))
     updates = ", ".join(f"{col} = {_merge_expression(table, col, op)}" for col, op in measures)
-    # Identifiers come from validated specs and are quoted; every value is a bound array.
-    sql = (
-        f"INSERT INTO {table} ({', '.join([*keys, *(c for c, _ in measures)])}) "  # noqa: S608
-        f"SELECT * FROM unnest({arrays}) "
-        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
+    # Rows go in key order, so that concurrent consumers lock rows in the same order and do not
+    # deadlock each other; Postgres sorts them, cheaper than Python would.
+    order = ", ".join(str(i + 1) for i in range(len(keys)))
+    merge = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
+    stage = f"tally_stage_{spec.name}"
+    # Identifiers come from validated specs and are quoted; every value is a bound array or COPY row.
+    return Upsert(
+        plan,
+        text(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) ORDER BY {order} {merge}"),  # noqa: S608
+        tuple(c.strip('"') for c in columns),
+        stage,
+        text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {quote(stage)} (LIKE {table}) ON COMMIT DELETE ROWS"),
+        text(
+            f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
+            f"SELECT {', '.join(columns)} FROM {quote(stage)} ORDER BY {order} {merge}"
+        ),
     )
-    return Upsert(plan, text(sql))

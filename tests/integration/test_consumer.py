@@ -18,7 +18,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import REGISTRY
+from sqlalchemy import text
 
+from consumers import flush
 from consumers.aggregate import compile_rollups
 from consumers.batch import prepare
 from consumers.flush import Flusher
@@ -260,3 +262,48 @@ async def test_the_process_applies_then_drains_on_sigterm_and_exits_zero(migrate
     assert proc.returncode == 0, stderr.decode()[-2000:]
     assert b"consumer stopped" in stderr
     assert sum(n for n, *_ in (await table(config, "agg_events_by_type")).values()) == 80
+
+
+@pytest.mark.parametrize("copy_min_rows", [1, 10**9], ids=["stage", "unnest"])
+async def test_upserts_through_the_stage_or_unnest_are_exact_and_roll_back_when_fenced(
+    migrated: Settings, monkeypatch: pytest.MonkeyPatch, copy_min_rows: int
+) -> None:
+    """Both ways of writing cells (COPY into the staging table, then INSERT ... SELECT; or unnest) on one
+    pooled connection: exact sums over new and existing rows, and nothing left behind by a fenced batch."""
+    monkeypatch.setattr(flush, "COPY_MIN_ROWS", copy_min_rows)
+    settings, topic = migrated, migrated.topic
+
+    class Rec:
+        def __init__(self, offset: int, value: bytes) -> None:
+            self.topic, self.partition, self.offset, self.value = topic, 0, offset, value
+            self.timestamp, self.key = now_ms(), None
+            self.headers: list[tuple[str, bytes]] = []
+
+    encoded = make_events(400, random.Random(7))
+    values = envelopes(encoded, 50)  # 8 records
+    records = [Rec(i, v) for i, v in enumerate(values + values)]  # offsets 8..15 repeat the events
+    events = [orjson.loads(e) for e in encoded]
+    plans = compile_rollups(settings.rollups)
+    engine = write_engine(str(settings.postgres_url), pool_size=1)  # one connection: its stage is reused
+    try:
+        version = await registry_version(engine, settings.rollups)
+        flusher = Flusher(engine, settings.consumer_group, plans, version=version)
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO tally_offsets (group_id, topic, partition, next_offset) "
+                                    "VALUES (:g, :t, 0, 0)"), {"g": settings.consumer_group, "t": topic})
+        tp = (topic, 0)
+        assert await flusher.flush(prepare({tp: records[:4]}, {tp: 0}, plans)) is True
+        await assert_tables_match(settings, events[:200])
+        assert await flusher.flush(prepare({tp: records[4:8]}, {tp: 3}, plans)) is False  # a zombie's
+        await assert_tables_match(settings, events[:200])
+        assert await flusher.flush(prepare({tp: records[4:8]}, {tp: 4}, plans)) is True
+        assert await flusher.flush(prepare({tp: records[8:]}, {tp: 8}, plans)) is True
+        await assert_tables_match(settings, events + events)
+        assert await stored_offsets(settings) == {0: 16}
+        async with engine.connect() as conn:  # the stage holds nothing between transactions
+            staged = (await conn.execute(text("SELECT to_regclass('tally_stage_events_by_type')"))).scalar()
+            assert (staged is not None) == (copy_min_rows == 1)
+            if staged is not None:
+                assert (await conn.execute(text("SELECT count(*) FROM tally_stage_events_by_type"))).scalar() == 0
+    finally:
+        await engine.dispose()

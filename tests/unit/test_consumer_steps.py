@@ -113,22 +113,32 @@ def test_prepare_starts_at_the_stored_offset_and_advances_past_every_record() ->
     assert batch.aggregates == {"t": {(bucket, "a"): [3, Decimal("4.5")], (bucket, "b"): [2, Decimal(2)]}}
 
 
-def test_upsert_sql_merges_exactly_and_sends_rows_in_key_order() -> None:
+def test_upsert_sql_merges_exactly_in_key_order_by_unnest_or_from_a_stage() -> None:
     spec = parse_rollup({"name": "x", "dimensions": ["properties.country"],
                          "measures": ["count", "sum:properties.v", "min:properties.v", "max:properties.v"]})
     up = upsert(compile_rollup(spec))
-    sql = str(up.statement)
-    assert sql.startswith('INSERT INTO "agg_x" ("bucket", "properties_country", "count", "sum_properties_v"')
-    assert "CAST(:c0 AS timestamptz[]), CAST(:c1 AS text[]), CAST(:c2 AS bigint[]), CAST(:c3 AS numeric[])" in sql
-    assert 'ON CONFLICT ("bucket", "properties_country") DO UPDATE SET' in sql
-    assert '"count" = "agg_x"."count" + EXCLUDED."count"' in sql
-    assert ('"sum_properties_v" = COALESCE("agg_x"."sum_properties_v" + EXCLUDED."sum_properties_v", '
-            '"agg_x"."sum_properties_v", EXCLUDED."sum_properties_v")') in sql
-    assert '"min_properties_v" = LEAST("agg_x"."min_properties_v", EXCLUDED."min_properties_v")' in sql
-    assert '"max_properties_v" = GREATEST("agg_x"."max_properties_v", EXCLUDED."max_properties_v")' in sql
+    merge = ('ON CONFLICT ("bucket", "properties_country") DO UPDATE SET '
+             '"count" = "agg_x"."count" + EXCLUDED."count", '
+             '"sum_properties_v" = COALESCE("agg_x"."sum_properties_v" + EXCLUDED."sum_properties_v", '
+             '"agg_x"."sum_properties_v", EXCLUDED."sum_properties_v"), '
+             '"min_properties_v" = LEAST("agg_x"."min_properties_v", EXCLUDED."min_properties_v"), '
+             '"max_properties_v" = GREATEST("agg_x"."max_properties_v", EXCLUDED."max_properties_v")')
+    columns = '"bucket", "properties_country", "count", "sum_properties_v", "min_properties_v", "max_properties_v"'
+    assert str(up.statement) == (
+        f'INSERT INTO "agg_x" ({columns}) SELECT * FROM unnest(CAST(:c0 AS timestamptz[]), CAST(:c1 AS text[]), '
+        "CAST(:c2 AS bigint[]), CAST(:c3 AS numeric[]), CAST(:c4 AS numeric[]), CAST(:c5 AS numeric[])) "
+        f"ORDER BY 1, 2 {merge}"
+    )
+    assert str(up.create_stage) == (
+        'CREATE TEMPORARY TABLE IF NOT EXISTS "tally_stage_x" (LIKE "agg_x") ON COMMIT DELETE ROWS'
+    )
+    stage_sql = f'INSERT INTO "agg_x" ({columns}) SELECT {columns} FROM "tally_stage_x" ORDER BY 1, 2 {merge}'
+    assert str(up.from_stage) == stage_sql
+    assert up.columns == tuple(c.strip('"') for c in columns.split(", "))
     b1 = datetime(2024, 1, 1, tzinfo=UTC)
     b2 = datetime(2024, 1, 2, tzinfo=UTC)
-    params = up.params({(b2, "a"): [1, None, None, None], (b1, "z"): [2, Decimal(1), Decimal(1), Decimal(1)],
-                        (b1, "b"): [3, None, None, None]})
-    assert params == {"c0": [b1, b1, b2], "c1": ["b", "z", "a"], "c2": [3, 2, 1],
-                      "c3": [None, Decimal(1), None], "c4": [None, Decimal(1), None], "c5": [None, Decimal(1), None]}
+    cells = {(b2, "a"): [1, None, None, None], (b1, "z"): [2, Decimal(1), Decimal(1), Decimal(1)]}
+    assert up.params(cells) == {"c0": [b2, b1], "c1": ["a", "z"], "c2": [1, 2], "c3": [None, Decimal(1)],
+                                "c4": [None, Decimal(1)], "c5": [None, Decimal(1)]}
+    assert up.records(cells) == [(b2, "a", 1, None, None, None), (b1, "z", 2, Decimal(1), Decimal(1), Decimal(1))]
+    assert up.params({}) == {f"c{i}": [] for i in range(6)}
