@@ -2,7 +2,7 @@
 the query API, under a steady background load, beside the floor measured in the same
 run (one ingest round trip plus one uncached query round trip on an idle stack).
 
-    .venv/bin/python -m bench.freshness [--rate 2000] [--probes 200]
+    .venv/bin/python -m bench.freshness [--rate 2000] [--probes 200] [--ingest-workers 1]
 
 The background load is bench.loadgen, open loop (each request on its schedule), from its own
 process; the probes (one event each, every 50 ms, of its own type) are sent from this process,
@@ -40,10 +40,10 @@ BATCH = 100  # events per background request
 LOAD_CONNECTIONS = 8
 
 
-def spawn(command: str, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def spawn(command: str, settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
     env = settings.process_env()
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "core.cli", command], env=env, stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "core.cli", command, *args], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=devstack._die_with_parent)
 
 
@@ -155,7 +155,7 @@ async def measure(settings: Settings, rate: int, probes: int, *, lead: float = 2
     }
 
 
-def run(*, rate: int = 10_000, probes: int = 200, tmp: Path | None = None) -> dict[str, Any]:
+def run(*, rate: int = 10_000, probes: int = 200, ingest_workers: int = 1, tmp: Path | None = None) -> dict[str, Any]:
     """The whole pipeline on embedded servers; the figures, and every process's peak RSS."""
     tmp = tmp or Path(tempfile.mkdtemp(prefix="tally-fresh-"))
     servers = [devstack.kafka(devstack.free_port()).start(),
@@ -164,14 +164,16 @@ def run(*, rate: int = 10_000, probes: int = 200, tmp: Path | None = None) -> di
     settings = Settings(env="test", kafka_bootstrap=servers[0].url, postgres_url=servers[1].url, drain_seconds=0,
                         redis_url=servers[2].url, ingest_port=devstack.free_port(),
                         query_port=devstack.free_port(), consumer_metrics_port=devstack.free_port(),
-                        auth=False, log_level="warning")  # the bench measures the pipeline, not key checks
+                        auth=False, log_level="warning",  # the bench measures the pipeline, not key checks
+                        rate_limit_events_per_second=0)  # nor the limiter: 100k ev/s is its default limit
     procs: dict[str, subprocess.Popen[bytes]] = {}
     memory: list[dict[str, Any]] = []
     try:
         asyncio.run(migrate(settings))
         for command, port in (("ingest", settings.ingest_port), ("query", settings.query_port),
                               ("consume", settings.consumer_metrics_port)):
-            procs[command] = spawn(command, settings, tmp / f"{command}.log")
+            workers = ("--workers", str(ingest_workers)) if command == "ingest" and ingest_workers > 1 else ()
+            procs[command] = spawn(command, settings, tmp / f"{command}.log", *workers)
             devstack.wait_for_port(port, 60, procs[command])
         time.sleep(3)  # the consumer joins its group
         row = asyncio.run(measure(settings, rate, probes))
@@ -188,13 +190,15 @@ def run(*, rate: int = 10_000, probes: int = 200, tmp: Path | None = None) -> di
                 p.wait(15)
         for s in reversed(servers):
             s.stop()
-    return {"benchmark": "freshness", "cores": os.cpu_count(), **row, "memory": memory}
+    return {"benchmark": "freshness", "cores": os.cpu_count(), "ingest_workers": ingest_workers, **row,
+            "memory": memory}
 
 
 def report(row: dict[str, Any]) -> list[str]:
     return [
         f"freshness (202 -> visible via query API): p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms "
-        f"({row['probes']} probes) at {row['background_events_per_s']} events/s background (target "
+        f"({row['probes']} probes) at {row['background_events_per_s']} events/s background, "
+        f"{row.get('ingest_workers', 1)} ingest worker(s) (target "
         f"{row['target_rate']}; its p99 {row['background_p99_ms']} ms; load generator {row['loadgen_cpu_percent']}% "
         "of a core)",
         f"floor (idle ingest + uncached query round trip): {row['floor_ms']} ms; "
@@ -206,9 +210,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=int, default=2000)
     parser.add_argument("--probes", type=int, default=200)
+    parser.add_argument("--ingest-workers", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    row = run(rate=args.rate, probes=args.probes)
+    row = run(rate=args.rate, probes=args.probes, ingest_workers=args.ingest_workers)
     for line in report(row):
         print(line)
     if args.json:

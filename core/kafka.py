@@ -80,6 +80,7 @@ def consumer(settings: Settings, *, group_id: str | None, client_id: str = "tall
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_partition_fetch_bytes=MAX_RECORD_BYTES * 4,
         fetch_max_bytes=64 * 1024 * 1024,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         client_id=client_id,
     )
 

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     batch_max_records: int = Field(2_000, ge=1)  # records (envelopes) per transaction
     batch_max_events: int = Field(200_000, ge=1)  # events per transaction (memory: ~0.3 KB each)
     batch_max_wait_ms: int = Field(250, ge=0)  # how long an idle poll waits for the first record
+    # How long the broker may hold a fetch that found no new records: the wait an event that arrives
+    # meanwhile can see before it is read (Tansu holds a fetch that long even once records arrive).
+    fetch_max_wait_ms: int = Field(50, ge=1, le=500)
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     dedup: bool = False  # drop events whose event_id was already counted (tally_seen_events)
