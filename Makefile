@@ -72,7 +72,7 @@ soak: install
 
 # Benchmarks (bench/suite.py, docs/performance.md): every figure beside its limit measured in the
 # same run, one table, JSON in bench/results/. bench (~12 min) also draws the ingest chart.
-# bench-quick (< 3 min; CI runs it before the tests) fails when a gated ratio is > 30 % worse than
+# bench-quick (~3 min; CI runs it before the tests) fails when a gated ratio is > 30 % worse than
 # bench/baseline.json twice in a row (a failing benchmark is measured once more).
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]"

@@ -555,7 +555,7 @@ def chart(row: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the quick suite (under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the quick suite (about 3 minutes)")
     parser.add_argument("--only", nargs="+", choices=["ingest", "consumer", "freshness", "query", "refusal"])
     parser.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/<mode>-<time>.json)")
     parser.add_argument("--gate", type=Path, default=None, help="a baseline: exit 1 on a regression against it")
