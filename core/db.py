@@ -22,7 +22,14 @@ def asyncpg_url(url: str) -> str:
 
 
 def _engine(
-    url: str, *, pool_size: int, app: str, statement_timeout_ms: int | None, extra: dict[str, str] | None = None
+    url: str,
+    *,
+    pool_size: int,
+    app: str,
+    statement_timeout_ms: int | None,
+    extra: dict[str, str] | None = None,
+    max_overflow: int = 0,
+    pool_timeout: float = 5.0,
 ) -> AsyncEngine:
     server_settings = {"application_name": app, **(extra or {})}
     if statement_timeout_ms:
@@ -30,9 +37,9 @@ def _engine(
     return create_async_engine(
         asyncpg_url(url),
         pool_size=pool_size,
-        max_overflow=0,
+        max_overflow=max_overflow,
         pool_pre_ping=False,
-        pool_timeout=5,
+        pool_timeout=pool_timeout,
         connect_args={"server_settings": server_settings, "timeout": 5},
     )
 
@@ -49,9 +56,27 @@ def write_engine(url: str, *, pool_size: int = 2, app: str = "tally") -> WriteEn
 _CUSTOM_PLANS = {"plan_cache_mode": "force_custom_plan"}
 
 
-def read_engine(url: str, *, pool_size: int, statement_timeout_ms: int, app: str = "tally-query") -> ReadEngine:
+def read_engine(
+    url: str,
+    *,
+    pool_size: int,
+    statement_timeout_ms: int,
+    app: str = "tally-query",
+    max_overflow: int = 0,
+    pool_timeout: float = 5.0,
+) -> ReadEngine:
+    """The query service's engine: `pool_timeout` is how long a request waits for a connection
+    before SQLAlchemy gives up (query.service turns that into a 503)."""
     return ReadEngine(
-        _engine(url, pool_size=pool_size, app=app, statement_timeout_ms=statement_timeout_ms, extra=_CUSTOM_PLANS)
+        _engine(
+            url,
+            pool_size=pool_size,
+            app=app,
+            statement_timeout_ms=statement_timeout_ms,
+            extra=_CUSTOM_PLANS,
+            max_overflow=max_overflow,
+            pool_timeout=pool_timeout,
+        )
     )
 
 

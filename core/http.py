@@ -158,6 +158,46 @@ class HeaderLimit:
         await self.app(scope, receive, send)
 
 
+class InflightLimit:
+    """A pure ASGI middleware: a fast 503 with Retry-After when `limit` requests are being served.
+
+    Past the point where the database pool and the event loop are busy, more concurrent
+    requests only queue: each waits longer and the process's memory grows with the queue.
+    Refusing the excess at once keeps the latency of the served ones and tells the client
+    (or the balancer) to go elsewhere or come back. The ops routes are never refused.
+    """
+
+    EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def __init__(self, app: ASGIApp, service: str, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.serving = 0
+        self.shed = metrics.http_shed.labels(service)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        if self.serving >= self.limit:
+            self.shed.inc()
+            response = problem_response(
+                503,
+                "Service unavailable",
+                f"this process is serving {self.serving} requests, its limit (TALLY_QUERY_MAX_INFLIGHT)",
+                slug="unavailable",
+                instance=scope["path"],
+                headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
+        self.serving += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.serving -= 1
+
+
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == REQUEST_ID_HEADER and 0 < len(value) <= 128:

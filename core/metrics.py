@@ -25,6 +25,9 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 http_requests = Counter("tally_http_requests_total", "HTTP requests", ["service", "route", "method", "status"])
 http_latency = Histogram("tally_http_request_seconds", "HTTP request latency", ["service", "route"], buckets=_LATENCY)
 http_in_progress = Gauge("tally_http_in_progress", "Requests being served", ["service"], multiprocess_mode="livesum")
+http_shed = Counter(
+    "tally_http_shed_total", "Requests refused at once: the process was serving its cap of requests", ["service"]
+)
 # A histogram, not a gauge: every 50 ms sample is counted, so a 200 ms stall between two scrapes
 # shows; in multiprocess mode its buckets add up over the workers like any histogram's.
 event_loop_lag = Histogram(

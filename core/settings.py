@@ -138,7 +138,14 @@ class Settings(BaseSettings):
     max_export_rows: int = Field(1_000_000, ge=1)  # rows of one streamed CSV export
     max_exports: int = Field(2, ge=1)  # streamed exports running at once per query process
     statement_timeout_ms: int = 5_000
-    db_pool_size: int = 10
+    # Pools, per query process (README, "Pools, and how to size them"). A query that gets no connection
+    # within db_pool_timeout_seconds, or that arrives while query_max_inflight are being served,
+    # is a fast 503 with Retry-After instead of a queue.
+    db_pool_size: int = Field(10, ge=1, le=500)
+    db_max_overflow: int = Field(0, ge=0, le=500)  # connections opened beyond the pool under a burst, then closed
+    db_pool_timeout_seconds: float = Field(1.0, gt=0, le=30)
+    redis_pool_size: int = Field(64, ge=1, le=10_000)  # connections per Redis client (ingest and query)
+    query_max_inflight: int = Field(256, ge=1, le=100_000)  # requests being served per query process
     cache_prefix: str = "tally:"
     cache_fresh_seconds: float = 5.0
     cache_stale_seconds: float = 60.0

@@ -39,10 +39,10 @@ def create_app(settings: Settings) -> FastAPI:
             retry_after=settings.retry_after_seconds,
             breaker_seconds=settings.kafka_breaker_seconds,
         )
-        redis = redis_client(str(settings.redis_url))
+        redis = redis_client(str(settings.redis_url), max_connections=settings.redis_pool_size)
         # Idempotency has a pool of its own: a burst of rate-limit calls must not make the answer
         # of a batch already in Kafka wait past the pool's timeout and go unstored.
-        idempotency_redis = redis_client(str(settings.redis_url))
+        idempotency_redis = redis_client(str(settings.redis_url), max_connections=settings.redis_pool_size)
         keys = open_key_store(settings, app="tally-ingest")  # None when auth is off
         writer.start()  # in the background: ingest serves (and refuses with 503) while Kafka is down
         app.state.writer = writer

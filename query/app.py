@@ -13,7 +13,7 @@ from core.auth import auth_responses, open_key_store, require_scope
 from core.cache import redis_client
 from core.db import read_engine
 from core.health import postgres_ok, redis_ok
-from core.http import HeaderLimit, MetricsMiddleware, drain_on_sigterm, ops_router
+from core.http import HeaderLimit, InflightLimit, MetricsMiddleware, drain_on_sigterm, ops_router
 from core.looplag import LoopLagMonitor
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
@@ -56,9 +56,11 @@ def create_app(settings: Settings) -> FastAPI:
         engine = read_engine(
             str(settings.postgres_url),
             pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout_seconds,
             statement_timeout_ms=settings.statement_timeout_ms,
         )
-        redis = redis_client(str(settings.redis_url))
+        redis = redis_client(str(settings.redis_url), max_connections=settings.redis_pool_size)
         lag = LagProbe(settings, engine)
         sampler = LagSampler(lag, settings)
         counters = CounterScraper(settings.metrics_target_urls)
@@ -105,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    app.add_middleware(InflightLimit, service="query", limit=settings.query_max_inflight)
     app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)  # inside metrics: 431s are counted
     app.add_middleware(MetricsMiddleware, service="query", pages=CONSOLE_PAGES)
     # Rollups and lag need a `query` key; /healthz, /readyz and /metrics (ops_router) stay open.

@@ -9,14 +9,16 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import cmp_to_key
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
+from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
 from core.settings import Settings
 from query.app import create_app
+from query.state import QueryState
 from tests.conftest import serve
 
 DIMS = ("type", "source")
@@ -159,3 +161,27 @@ async def walk(http: httpx.AsyncClient, path: str, params: dict[str, str]) -> tu
         if cursor is None:
             return rows, pages
     raise AssertionError("pagination did not end")
+
+
+def capture_state(app: FastAPI) -> list[QueryState]:
+    """Wrap the app's lifespan so the test can reach the state it creates (the read engine)."""
+    held: list[QueryState] = []
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        async with inner(a) as st:
+            held.append(cast(QueryState, st))
+            yield st
+
+    app.router.lifespan_context = lifespan
+    return held
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, **client: Any) -> AsyncIterator[tuple[httpx.AsyncClient, QueryState]]:
+    app = create_app(settings)
+    held = capture_state(app)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30, **client) as http:
+        assert len(held) == 1  # uvicorn reports `started` after the lifespan's startup
+        yield http, held[0]

@@ -4,27 +4,21 @@ killed and restored mid-test, SQL in every parameter, and cursor walks while row
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import event
 
 from core import devstack
 from core.settings import Settings
-from query.app import create_app
-from query.state import QueryState
-from tests.conftest import serve
 from tests.integration.query_support import (
     ALL_FIELDS,
     FIRST,
@@ -34,6 +28,7 @@ from tests.integration.query_support import (
     expected,
     insert_rows,
     make_rows,
+    running,
     sample,
     sort_rows,
     wire,
@@ -64,30 +59,6 @@ def outcomes() -> dict[str, float]:
     return {
         o: sample("tally_query_cache_total", {"outcome": o}) for o in ("hit", "stale", "miss", "coalesced", "bypass")
     }
-
-
-def capture_state(app: FastAPI) -> list[QueryState]:
-    """Wrap the app's lifespan so the test can reach the state it creates (the read engine)."""
-    held: list[QueryState] = []
-    inner = app.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(a: Any) -> AsyncIterator[Any]:
-        async with inner(a) as st:
-            held.append(cast(QueryState, st))
-            yield st
-
-    app.router.lifespan_context = lifespan
-    return held
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, **client: Any) -> AsyncIterator[tuple[httpx.AsyncClient, QueryState]]:
-    app = create_app(settings)
-    held = capture_state(app)
-    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30, **client) as http:
-        assert len(held) == 1  # uvicorn reports `started` after the lifespan's startup
-        yield http, held[0]
 
 
 async def db_rows(settings: Settings) -> list[Row]:
