@@ -19,6 +19,10 @@ Two guards keep one odd event from wedging a partition (Postgres would refuse th
 row forever): NUL characters, which `text` cannot hold, become U+FFFD, and a
 dimension value is cut (at a character boundary) to its share of
 `MAX_KEY_BYTES`, so a row key always fits in a btree index entry.
+
+Events are views (consumers.view), read a column at a time (`Columns`): the per-event
+work is C loops, the Python work is per row. tests/consumer_oracle.py keeps the
+event-by-event original that tests/unit/test_consumer_columns.py holds this to.
 """
 
 from __future__ import annotations

@@ -1,11 +1,17 @@
-"""Step 3: one poll -> one prepared batch (offset advances, aggregates, dead letters).
+"""Step 3: polls -> one prepared batch (offset advances, aggregates, dead letters).
+
+Records are read as views (consumers.view: decode and validate in one msgspec call, the
+general way for anything odd) and aggregated column by column (consumers.aggregate). A
+batch may grow over several polls (`into`), which the pipelined runner does while the
+batch before it commits.
 
 Pure but for the clock: rollups with a retention skip events whose bucket is past
 it (consumers.aggregate.aggregate_retained), judged at `now_ms`, the wall clock
 when the caller gives none. Those events are counted in
 `tally_consumer_expired_events_total` here, when the batch is prepared.
 
-The expected start offset of each partition is the one stored in Postgres. Records
+The expected start offset of each partition is the one stored in Postgres (or where the
+batches before this one end). Records
 below it were applied already (a fetch that raced a seek can return them again)
 and are dropped here, so nothing is applied twice; a partition whose stored
 offset is not known yet is left out of the batch until it is.
