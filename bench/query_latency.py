@@ -14,6 +14,8 @@ at `--concurrency` after a short warm-up:
 (a) cached: GETs answered from Redis (every response checked: `X-Cache: hit`, the same rows);
 (c) bare Redis GET of that entry's key with redis.asyncio, configured as the service's client
     ((a) and (c) alternate in --rounds rounds, so that each is measured moments from the other);
+    then (a) and (c) again, paced at a quarter of (a)'s saturated rate, for the p99 at a usual
+    load; and the query process's CPU per hit in (a);
 (b) uncached: GETs with `Cache-Control: no-cache` (every response `X-Cache: miss`, the same
     rows). Identical concurrent misses share one computation (single flight), so each connection
     asks with its own `limit` (1000, 999, ...: the same rows and SQL, another cache key), and the
@@ -139,6 +141,33 @@ async def timed(
     before = procs.sample()
     started = time.perf_counter()
     await asyncio.gather(*(worker(started + seconds) for _ in range(concurrency)))
+    phase.seconds = time.perf_counter() - started
+    after = procs.sample()
+    phase.cpu = {k: (after[k] - before[k]) / phase.seconds * 100 for k in before}
+    return phase
+
+
+async def paced(
+    phase: Phase, procs: Processes, operation: Callable[[], Awaitable[None]], *, seconds: float, rate: float,
+    concurrency: int,
+) -> Phase:
+    """Run `operation` at `rate` per second in all (each of `concurrency` tasks on its own schedule,
+    open loop as long as an operation is shorter than its slot); record each latency."""
+    interval = concurrency / rate
+
+    async def worker(first: float, deadline: float) -> None:
+        due = first
+        while due < deadline:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            started = time.perf_counter()
+            await operation()
+            phase.latencies.append(time.perf_counter() - started)
+            due += interval
+
+    before = procs.sample()
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(started + i * interval / concurrency, started + seconds)
+                           for i in range(concurrency)))
     phase.seconds = time.perf_counter() - started
     after = procs.sample()
     phase.cpu = {k: (after[k] - before[k]) / phase.seconds * 100 for k in before}
@@ -287,6 +316,15 @@ async def measure(
         phases["a_cached"] = merged("a", a_rounds)
         phases["c_redis"] = merged("c", c_rounds)
         phases["c_redis"].extra = {"entry_bytes": len(stored)}
+        a = phases["a_cached"]
+        a.extra = {"query_cpu_us_per_hit": round(a.cpu["tally-query"] / 100 * 1e6 / a.rate, 1)}
+        # A dashboard's usual load: a quarter of what the cached phase saturated at, for both.
+        light = a.rate / 4
+        phases["a_cached_light"] = await paced(Phase("a_light"), procs, cached_get, seconds=seconds / 2,
+                                               rate=light, concurrency=concurrency)
+        phases["c_redis_light"] = await paced(Phase("c_light"), procs, redis_get, seconds=seconds / 2,
+                                              rate=light, concurrency=concurrency)
+        phases["a_cached_light"].extra = {"target_per_s": round(light, 1)}
     finally:
         await redis.aclose()
         await cached.close()
@@ -362,6 +400,11 @@ async def measure(
         "sql": str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})),
         **{name: p.row() for name, p in phases.items()},
         "ratio_cached_to_redis": {"per_s": round(a.rate / c.rate, 3), "p50": round(a.p50 / c.p50, 2)},
+        "ratio_cached_to_redis_light": {
+            "per_s": round(phases["a_cached_light"].rate / phases["c_redis_light"].rate, 3),
+            "p50": round(phases["a_cached_light"].p50 / phases["c_redis_light"].p50, 2),
+            "p99": round(phases["a_cached_light"].percentile(0.99) / phases["c_redis_light"].percentile(0.99), 2),
+        },
         "ratio_uncached_to_sql": {"per_s": round(b.rate / d.rate, 3), "p50": round(b.p50 / d.p50, 2)},
     }
 
@@ -405,6 +448,8 @@ def report(row: dict[str, Any]) -> Iterable[str]:
     lines: Sequence[tuple[str, str, str]] = (
         ("a_cached", "(a) cached GET (X-Cache: hit)", "ratio_cached_to_redis"),
         ("c_redis", "(c) bare Redis GET of its entry: limit of (a)", ""),
+        ("a_cached_light", "(a) at a quarter of its saturated rate", "ratio_cached_to_redis_light"),
+        ("c_redis_light", "(c) at the same rate: limit of the line above", ""),
         ("b_uncached", "(b) uncached GET (no-cache, X-Cache: miss)", "ratio_uncached_to_sql"),
         ("d_sql", "(d) bare SQL, planner's statement: limit of (b)", ""),
         ("e_sql_generic_plans", "(e) (d) with plan_cache_mode=auto (PG default)", ""),
@@ -420,6 +465,7 @@ def report(row: dict[str, Any]) -> Iterable[str]:
             f"{label:50} {p['p50_ms']:8.2f} {p['p99_ms']:8.2f} {p['per_s']:8,.0f}  {shown:>21}  "
             f"{cpu['client']:>3}/{cpu['tally-query']:>3}/{cpu['postgres']:>3}/{cpu['redis']:>3}"
         )
+    yield f"(a): the query process's CPU per cache hit {row['a_cached']['query_cpu_us_per_hit']:,.0f} µs"
     e = row.get("e_sql_generic_plans")
     yield (
         f"(b): {row['b_uncached']['operations']:,} requests, as many Postgres reads (the service's /metrics)"
