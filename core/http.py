@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import logs, metrics
-from core.problems import internal_error, problem_response
+from core.problems import Unavailable, internal_error, problem_for, problem_response
 
 log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
@@ -181,15 +181,10 @@ class InflightLimit:
             return
         if self.serving >= self.limit:
             self.shed.inc()
-            response = problem_response(
-                503,
-                "Service unavailable",
-                f"this process is serving {self.serving} requests, its limit (TALLY_QUERY_MAX_INFLIGHT)",
-                slug="unavailable",
-                instance=scope["path"],
-                headers={"Retry-After": "1"},
+            refused = Unavailable(
+                f"this process is serving {self.serving} requests, its limit (TALLY_QUERY_MAX_INFLIGHT)", retry_after=1
             )
-            await response(scope, receive, send)
+            await problem_for(refused, scope["method"], scope["path"])(scope, receive, send)
             return
         self.serving += 1
         try:
