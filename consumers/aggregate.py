@@ -38,7 +38,7 @@ from itertools import compress, repeat
 from operator import attrgetter, floordiv
 from typing import Any, Final
 
-from consumers.view import View, attribute, keys_of, props_type, reader
+from consumers.view import View, attribute, keys_of, no_properties
 from schemas.events import lookup
 from schemas.rollups import GRANULARITY_MS, RollupSpec, dimension_text, expiry_cutoff_ms
 
@@ -187,7 +187,7 @@ class Columns:
     def _properties(self) -> list[Any]:
         props = list(map(_PROPERTIES, self.events))
         if None in props:  # absent or null: read as an object with no keys
-            empty = props_type(type(self.events[0]))()
+            empty = no_properties(type(self.events[0]))
             props = [empty if p is None else p for p in props]
         self._memo[("properties",)] = props
         return props
@@ -299,20 +299,13 @@ def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None
     return cells
 
 
-def _as_views(plans: Sequence[RollupPlan], events: Sequence[Any]) -> Sequence[View]:
-    """Views as they are; validated event dicts (tests, tools) converted once."""
-    if events and isinstance(events[0], dict):
-        return reader(plan_keys(plans)).views(events)
-    return events
-
-
 def plan_keys(plans: Iterable[RollupPlan]) -> frozenset[str]:
     """The `properties` keys the plans read: what a Reader for them decodes."""
     return keys_of(path for p in plans for path in (*p.dimensions, *p.value_paths, *(k for k, _ in p.where)))
 
 
-def aggregate(plans: Sequence[RollupPlan], events: Sequence[Any], *, now_ms: int | None = None) -> Aggregates:
-    """Every rollup's cells for `events` (views, or validated event dicts).
+def aggregate(plans: Sequence[RollupPlan], events: Sequence[View], *, now_ms: int | None = None) -> Aggregates:
+    """Every rollup's cells for `events` (views of validated events: consumers.view).
 
     A rollup with a retention skips events whose bucket is past it at `now_ms`,
     read from the wall clock if not given (the only clock this module reads).
@@ -321,7 +314,7 @@ def aggregate(plans: Sequence[RollupPlan], events: Sequence[Any], *, now_ms: int
 
 
 def aggregate_retained(
-    plans: Sequence[RollupPlan], events: Sequence[Any], now_ms: int, into: Aggregates | None = None
+    plans: Sequence[RollupPlan], events: Sequence[View], now_ms: int, into: Aggregates | None = None
 ) -> tuple[Aggregates, dict[str, int]]:
     """`aggregate`, except that a rollup with a retention skips events whose bucket is already past it.
 
@@ -333,7 +326,7 @@ def aggregate_retained(
     """
     out: Aggregates = {} if into is None else into
     expired: dict[str, int] = {}
-    columns = Columns(_as_views(plans, events))
+    columns = Columns(events)
     oldest = min(columns.raw(("ts",)), default=None) if events else None
     for plan in plans:
         cells = out.setdefault(plan.name, {})

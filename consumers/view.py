@@ -58,13 +58,20 @@ def view_type(keys: frozenset[str]) -> type[View]:
         rename={attribute(k): k for k in keys},
         gc=False,
     )
-    view = msgspec.defstruct("EventView", [("properties", props | None, None)], bases=(View,), gc=False)
-    return cast(type[View], view)
+    view = cast(
+        type[View], msgspec.defstruct("EventView", [("properties", props | None, None)], bases=(View,), gc=False)
+    )
+    _NO_PROPERTIES[view] = props()
+    return view
 
 
-def props_type(view: type[View]) -> type[msgspec.Struct]:
-    """The `properties` struct of a view type."""
-    return view.__annotations__["properties"].__args__[0]  # type: ignore[no-any-return]
+# Per view type: its `properties` struct with every key absent, read where an event has none.
+_NO_PROPERTIES: dict[type[View], msgspec.Struct] = {}
+
+
+def no_properties(view: type[View]) -> msgspec.Struct:
+    """What an event of this view type without `properties` (absent or null) is read as."""
+    return _NO_PROPERTIES[view]
 
 
 def keys_of(paths: Iterable[Sequence[str]]) -> frozenset[str]:

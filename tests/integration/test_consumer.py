@@ -42,6 +42,7 @@ from tests.integration.consumer_helpers import (
     table,
     wait_for_offsets,
 )
+from tests.records import Rec
 
 pytestmark = pytest.mark.integration
 
@@ -71,14 +72,8 @@ async def test_a_zombie_batch_is_fenced_and_changes_nothing(migrated: Settings) 
     settings = migrated
     topic = settings.topic
 
-    class Rec:
-        def __init__(self, partition: int, offset: int, value: bytes) -> None:
-            self.topic, self.partition, self.offset, self.value = topic, partition, offset, value
-            self.timestamp, self.key = now_ms(), None
-            self.headers: list[tuple[str, bytes]] = []
-
     value = envelopes(make_events(5, random.Random(2)), 5)[0]
-    polled = {(topic, 0): [Rec(0, 5, value), Rec(0, 6, value)], (topic, 1): [Rec(1, 3, value)]}
+    polled = {(topic, 0): [Rec(5, value, topic), Rec(6, value, topic)], (topic, 1): [Rec(3, value, topic, 1)]}
     plans = compile_rollups(settings.rollups)
     engine = write_engine(str(settings.postgres_url))
     try:
@@ -273,15 +268,9 @@ async def test_upserts_through_the_stage_or_unnest_are_exact_and_roll_back_when_
     monkeypatch.setattr(flush, "COPY_MIN_ROWS", copy_min_rows)
     settings, topic = migrated, migrated.topic
 
-    class Rec:
-        def __init__(self, offset: int, value: bytes) -> None:
-            self.topic, self.partition, self.offset, self.value = topic, 0, offset, value
-            self.timestamp, self.key = now_ms(), None
-            self.headers: list[tuple[str, bytes]] = []
-
     encoded = make_events(400, random.Random(7))
     values = envelopes(encoded, 50)  # 8 records
-    records = [Rec(i, v) for i, v in enumerate(values + values)]  # offsets 8..15 repeat the events
+    records = [Rec(i, v, topic) for i, v in enumerate(values + values)]  # offsets 8..15 repeat the events
     events = [orjson.loads(e) for e in encoded]
     plans = compile_rollups(settings.rollups)
     engine = write_engine(str(settings.postgres_url), pool_size=1)  # one connection: its stage is reused

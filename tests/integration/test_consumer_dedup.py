@@ -15,13 +15,12 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
-from consumers.aggregate import aggregate, compile_rollups, plan_keys
+from consumers.aggregate import aggregate, compile_rollups
 from consumers.batch import prepare
 from consumers.dedup import Candidates, partition_name
 from consumers.dedup_store import Dedup, claim, claim_ids, ensure_partitions, expire_partitions
 from consumers.flush import Flusher
 from consumers.registry import registry_version
-from consumers.view import reader
 from core.db import write_engine
 from core.settings import Settings
 from schemas.envelope import pack
@@ -30,12 +29,12 @@ from tests.integration.consumer_helpers import (
     consumer_settings,
     envelopes,
     make_events,
-    now_ms,
     produce,
     running,
     stored_offsets,
     wait_for_offsets,
 )
+from tests.records import Rec, views
 
 pytestmark = pytest.mark.integration
 
@@ -88,11 +87,6 @@ async def test_claims_roll_back_with_a_fenced_batch_and_reaggregate_only_when_ne
     plans = compile_rollups(settings.rollups)
     engine = write_engine(str(settings.postgres_url))
 
-    class Rec:
-        def __init__(self, offset: int, value: bytes) -> None:
-            self.topic, self.partition, self.offset, self.value = topic, 0, offset, value
-            self.timestamp, self.key, self.headers = now_ms(), None, []
-
     dedup = Dedup(engine, 24)
     flusher = Flusher(engine, settings.consumer_group, plans, version=await registry_version(engine, settings.rollups),
                       dedup=dedup)
@@ -106,18 +100,18 @@ async def test_claims_roll_back_with_a_fenced_batch_and_reaggregate_only_when_ne
         finally:
             await conn.close()
         first = make_events(20, random.Random(22))
-        stale = prepare({(topic, 0): [Rec(0, envelopes(first, 20)[0])]}, {(topic, 0): 0}, plans, dedup=True)
+        stale = prepare({(topic, 0): [Rec(0, envelopes(first, 20)[0], topic)]}, {(topic, 0): 0}, plans, dedup=True)
         assert await flusher.flush(stale) is False
         assert await seen_rows(settings) == []  # the claims rolled back with the fenced offsets
 
-        fresh = prepare({(topic, 0): [Rec(2, envelopes(first, 20)[0])]}, {(topic, 0): 2}, plans, dedup=True)
+        fresh = prepare({(topic, 0): [Rec(2, envelopes(first, 20)[0], topic)]}, {(topic, 0): 2}, plans, dedup=True)
         assert await flusher.flush(fresh) is True
         assert fresh.duplicates == 0
         assert len(await seen_rows(settings)) == 20
 
         # Half old, half new: only the new half is counted, aggregated afresh.
         second = make_events(20, random.Random(23))
-        mixed = prepare({(topic, 0): [Rec(3, envelopes(first[::2] + second, 40)[0])]}, {(topic, 0): 3}, plans,
+        mixed = prepare({(topic, 0): [Rec(3, envelopes(first[::2] + second, 40)[0], topic)]}, {(topic, 0): 3}, plans,
                         dedup=True)
         assert await flusher.flush(mixed) is True
         assert mixed.duplicates == 10
@@ -133,17 +127,16 @@ async def test_the_common_case_reuses_the_aggregates_computed_before_the_transac
     engine = write_engine(str(migrated.postgres_url))
     try:
         await ensure_partitions(engine)
-        views = reader(plan_keys(plans)).views
-        events = views([orjson.loads(e) for e in make_events(30, random.Random(24))])
+        events = views(plans, [orjson.loads(e) for e in make_events(30, random.Random(24))])
         computed = aggregate(plans, events)
         async with engine.begin() as conn:
             fresh = await claim(conn, Candidates.of(events), computed, plans, window_hours=24, opened=time.monotonic())
         assert fresh.aggregates is computed and fresh.duplicates == 0
         async with engine.begin() as conn:
-            retried = Candidates.of([*events[:10], *views([{"type": "new", "ts": 0}])])
+            retried = Candidates.of([*events[:10], *views(plans, [{"type": "new", "ts": 0}])])
             again = await claim(conn, retried, computed, plans, window_hours=24, opened=time.monotonic())
         assert again.duplicates == 10
-        assert again.aggregates == aggregate(plans, [{"type": "new", "ts": 0}])
+        assert again.aggregates == aggregate(plans, views(plans, [{"type": "new", "ts": 0}]))
     finally:
         await engine.dispose()
 

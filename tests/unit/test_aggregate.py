@@ -24,6 +24,7 @@ from consumers.aggregate import (
     to_decimal,
 )
 from schemas.rollups import parse_rollup
+from tests.records import views
 
 T0 = int(datetime(2024, 3, 1, 12, 34, 56, 789_000, tzinfo=UTC).timestamp() * 1000)
 
@@ -107,7 +108,7 @@ def test_counts_sums_min_max_per_bucket_and_dimensions() -> None:
         ev("buy", T0, source="ios", properties={"amount": "12"}),  # not a number: ignored
         ev("buy", T0, source="ios", properties={"amount": True}),  # bool is not a number
     ]
-    cells = aggregate(PLANS, events)["by_type"]
+    cells = aggregate(PLANS, views(PLANS, events))["by_type"]
     minute, next_minute = utc(2024, 3, 1, 12, 34), utc(2024, 3, 1, 12, 35)
     assert cells == {
         (minute, "click", "web"): [3, Decimal("10.3"), Decimal("0.1"), Decimal("10")],
@@ -131,7 +132,7 @@ def test_where_filter_and_nested_paths() -> None:
         ev("daily_only", T0, properties={"n": {"x": 9.5}}),
         ev("daily_only", T0, properties={"n": 3}),  # path goes through a non-object: missing
     ]
-    out = aggregate(PLANS, events)
+    out = aggregate(PLANS, views(PLANS, events))
     hour = utc(2024, 3, 1, 12)
     assert out["pages"] == {
         (hour, "DE"): [1, Decimal(120)],
@@ -146,13 +147,13 @@ def test_where_compares_stringified_values() -> None:
                          "dimensions": ["properties.plan"]})
     plan = compile_rollup(spec)
     events = [ev(properties={"plan": 1}), ev(properties={"plan": "pro"}), ev(properties={"plan": 2}), ev()]
-    cells = aggregate([plan], events)["flags"]
+    cells = aggregate([plan], views([plan], events))["flags"]
     assert sorted(k[1] for k in cells) == ["1", "pro"]
 
 
 def test_dimension_values_are_cut_so_a_key_fits_an_index_entry() -> None:
     plan = compile_rollup(BY_TYPE)
-    cells = aggregate([plan], [ev(source="s" * 10_000), ev(source="s" * 20_000)])["by_type"]
+    cells = aggregate([plan], views([plan], [ev(source="s" * 10_000), ev(source="s" * 20_000)]))["by_type"]
     assert len(cells) == 1  # both cut to the same prefix
     (key,) = cells
     assert sum(len(part.encode()) for part in key[1:]) <= MAX_KEY_BYTES
@@ -160,13 +161,14 @@ def test_dimension_values_are_cut_so_a_key_fits_an_index_entry() -> None:
 
 def test_float_sums_are_exact_decimal_sums_of_the_json_numbers() -> None:
     events = [ev(properties={"amount": 0.1}) for _ in range(10)] + [ev(properties={"amount": 1e20})]
-    (row,) = aggregate(PLANS, events)["by_type"].values()
+    (row,) = aggregate(PLANS, views(PLANS, events))["by_type"].values()
     assert row[1] == Decimal("100000000000000000001")  # 1e20 + 10 * 0.1, nothing rounded
 
 
 def test_merge_treats_none_as_identity_and_does_not_touch_its_inputs() -> None:
-    a = aggregate(PLANS, [ev(source="x")])
-    b = aggregate(PLANS, [ev(source="x", properties={"amount": 4}), ev(source="x", properties={"amount": -1.5})])
+    a = aggregate(PLANS, views(PLANS, [ev(source="x")]))
+    amounts = [ev(source="x", properties={"amount": 4}), ev(source="x", properties={"amount": -1.5})]
+    b = aggregate(PLANS, views(PLANS, amounts))
     a_before = {k: {kk: list(v) for kk, v in cells.items()} for k, cells in a.items()}
     merged = merge(PLANS, a, b)
     key = (utc(2024, 3, 1, 12, 34), "click", "x")
@@ -209,9 +211,9 @@ def events_strategy(draw: st.DrawFn) -> dict[str, Any]:
 def test_any_split_into_batches_merges_to_the_same_aggregates(events: list[dict[str, Any]], cuts: list[int]) -> None:
     bounds = sorted({0, len(events), *(min(c, len(events)) for c in cuts)})
     batches = [events[a:b] for a, b in pairwise(bounds)]
-    partials = [aggregate(PLANS, batch) for batch in batches]
+    partials = [aggregate(PLANS, views(PLANS, batch)) for batch in batches]
     empty: Aggregates = {p.name: {} for p in PLANS}
     merged = reduce(lambda x, y: merge(PLANS, x, y), partials, empty)
-    assert merged == aggregate(PLANS, events)
+    assert merged == aggregate(PLANS, views(PLANS, events))
     # merging is also order-independent
     assert reduce(lambda x, y: merge(PLANS, x, y), reversed(partials), empty) == merged

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -21,10 +20,11 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers.aggregate import aggregate, compile_rollups
+from consumers.aggregate import compile_rollups
 from consumers.batch import prepare
 from schemas.rollups import parse_rollup
 from tests.consumer_oracle import prepare_oracle
+from tests.records import Rec
 
 EXAMPLES = int(os.environ.get("TALLY_DIFF_EXAMPLES", "700"))
 NOW = 1_796_000_000_000
@@ -42,17 +42,6 @@ SPECS = [
                                  "properties.path", "properties.zz", "properties.a"]}),
 ]
 PLANS = compile_rollups(SPECS)
-
-
-@dataclass
-class Rec:
-    offset: int
-    value: bytes | None
-    topic: str = "events"
-    partition: int = 0
-    timestamp: int = NOW
-    key: bytes | None = b"k"
-    headers: list[tuple[str, bytes]] = field(default_factory=lambda: [("tally-request-id", b"r")])
 
 
 def _obj(pairs: list[tuple[str, str]]) -> str:
@@ -188,10 +177,3 @@ def test_integers_beyond_64_bits_are_read_exactly() -> None:
     (key, row), = batch.aggregates["wide"].items()
     assert key[7:] == ("1180591620717411303424", "[2.0,1180591620717411303424]")
     assert row == [1, Decimal(2**70)]
-
-
-def test_aggregate_takes_event_dicts_as_views() -> None:
-    events = [{"type": "page_view", "ts": NOW, "properties": {"country": "de", "path": "/x"}}] * 3
-    assert aggregate(PLANS, events, now_ms=NOW)["pages"] == {
-        (next(iter(prepare_oracle({("events", 0): [Rec(0, ('{"v":1,"events":[' + _j(events[0]) + "]}").encode())]},
-                                  {("events", 0): 0}, PLANS, now_ms=NOW).aggregates["pages"]))): [3]}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -17,21 +16,11 @@ from consumers.validate import Invalid, check_event, validate
 from schemas.envelope import pack, unpack
 from schemas.events import EventLimits, normalize_event
 from schemas.rollups import parse_rollup
+from tests.records import Rec
 
 NOW = int(datetime(2024, 3, 1, 12, 0, tzinfo=UTC).timestamp() * 1000)
 SPEC = parse_rollup({"name": "t", "dimensions": ["type"], "measures": ["count", "sum:properties.v"]})
 PLANS = compile_rollups([SPEC])
-
-
-@dataclass
-class Rec:
-    offset: int
-    value: bytes | None
-    topic: str = "events"
-    partition: int = 0
-    timestamp: int = NOW
-    key: bytes | None = None
-    headers: list[tuple[str, bytes]] = field(default_factory=lambda: [("tally-request-id", b"req-1")])
 
 
 def envelope(*raw: dict[str, Any]) -> bytes:
@@ -96,7 +85,7 @@ def test_prepare_starts_at_the_stored_offset_and_advances_past_every_record() ->
     polled = {
         ("events", 0): [Rec(o, envelope({"type": "a", "properties": {"v": 1.5}}), timestamp=NOW + o)
                         for o in range(5, 9)],
-        ("events", 1): [Rec(20, b"garbage", partition=1),
+        ("events", 1): [Rec(20, b"garbage", partition=1, timestamp=NOW),
                         Rec(21, envelope({"type": "b"}, {"type": "b", "properties": {"v": 2}}), partition=1)],
         ("events", 2): [Rec(0, envelope({"type": "c"}), partition=2)],  # offset not loaded yet
         ("events", 3): [Rec(4, envelope({"type": "d"}), partition=3)],  # all below the stored offset

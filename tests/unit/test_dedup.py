@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, date, datetime, timedelta
 
-from consumers.aggregate import compile_rollups, plan_keys
+from consumers.aggregate import compile_rollups
 from consumers.batch import prepare
 from consumers.dedup import (
     COMMIT_DEADLINE,
@@ -21,10 +21,10 @@ from consumers.dedup import (
     partition_name,
     window_days,
 )
-from consumers.view import reader
 from schemas.envelope import pack
 from schemas.events import EventLimits, normalize_event
 from schemas.rollups import parse_rollup
+from tests.records import Rec, views
 
 ID = "6f1c2d3e-4a5b-4c6d-8e7f-0123456789ab"
 
@@ -43,10 +43,9 @@ def test_keys_are_canonical_uuid_text_and_other_ids_still_deduplicate() -> None:
 
 def test_the_first_occurrence_of_an_unseen_id_counts_and_events_without_ids_always_do() -> None:
     plans = compile_rollups([parse_rollup({"name": "r", "dimensions": ["type"], "measures": ["count"]})])
-    views = reader(plan_keys(plans)).views
-    a, b, c = views([{"type": "x", "ts": i, "event_id": str(uuid.uuid4())} for i in range(3)])
-    anonymous, anonymous2 = views([{"type": "x", "ts": 9}] * 2)
-    a2, b2 = views([{"type": "x", "ts": 10, "event_id": a.event_id}, {"type": "x", "ts": 11, "event_id": b.event_id}])
+    a, b, c = views(plans, [{"type": "x", "ts": i, "event_id": str(uuid.uuid4())} for i in range(3)])
+    anonymous, anonymous2 = views(plans, [{"type": "x", "ts": 9}] * 2)
+    a2, b2 = views(plans, [{"type": "x", "ts": 10 + i, "event_id": e.event_id} for i, e in enumerate((a, b))])
     events = [a, b, a2, anonymous, c, anonymous2, b2]
     cand = Candidates.of(events)
     assert cand.distinct == [a.event_id, b.event_id, c.event_id]
@@ -55,7 +54,7 @@ def test_the_first_occurrence_of_an_unseen_id_counts_and_events_without_ids_alwa
     assert counted(cand, [b.event_id]) == [a, anonymous, c, anonymous2]
     assert counted(cand, [a.event_id, b.event_id, c.event_id]) == [anonymous, anonymous2]
     assert not Candidates.of([a, b, anonymous, anonymous2]).repeats
-    odd = views([{"type": "x", "ts": 1, "event_id": a.event_id.upper()}, {"type": "x", "ts": 1, "event_id": "k"}])
+    odd = views(plans, [{"type": "x", "ts": 1, "event_id": i} for i in (a.event_id.upper(), "k")])
     assert Candidates.of(odd).keys == [a.event_id, dedup_key("k")]
 
 
@@ -63,13 +62,10 @@ def test_prepare_collects_candidates_only_when_asked() -> None:
     now = int(datetime(2024, 3, 1, tzinfo=UTC).timestamp() * 1000)
     encoded = [normalize_event({"type": "a", "ts": now}, now, EventLimits()) for _ in range(3)]
 
-    class Rec:
-        topic, partition, offset, timestamp, key, headers = "t", 0, 0, now, None, ()
-        value = next(pack(encoded, 1 << 20))
-
+    record = Rec(0, next(pack(encoded, 1 << 20)), "t", timestamp=now)
     plans = compile_rollups([parse_rollup({"name": "r", "dimensions": ["type"], "measures": ["count"]})])
-    assert prepare({("t", 0): [Rec()]}, {("t", 0): 0}, plans).candidates is None
-    batch = prepare({("t", 0): [Rec()]}, {("t", 0): 0}, plans, dedup=True)
+    assert prepare({("t", 0): [record]}, {("t", 0): 0}, plans).candidates is None
+    batch = prepare({("t", 0): [record]}, {("t", 0): 0}, plans, dedup=True)
     assert batch.candidates is not None
     assert len(batch.candidates.distinct) == 3 and not batch.candidates.repeats
 

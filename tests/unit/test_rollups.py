@@ -9,6 +9,7 @@ import pytest
 from consumers.aggregate import aggregate, compile_rollups
 from core.settings import DEFAULT_ROLLUPS, Settings
 from schemas.rollups import RollupSpecError, dimension_text, load_rollups, parse_rollups
+from tests.records import views
 
 
 def test_shipped_rollups_and_column_names() -> None:
@@ -62,7 +63,7 @@ def test_where_values_use_the_stored_text_of_a_value() -> None:
         {"type": "c", "ts": 0, "properties": {"paid": True, "n": 2}},
         {"type": "a", "ts": 0, "properties": {"paid": True, "n": 3}},
     ]
-    cells = aggregate(plans, events)["paid"]
+    cells = aggregate(plans, views(plans, events))["paid"]
     assert [v[0] for v in cells.values()] == [2]
 
 
