@@ -87,7 +87,9 @@ class Flusher:
                     if len(cells) < COPY_MIN_ROWS:
                         await conn.execute(up.statement, up.params(cells))
                         continue
-                    await conn.execute(up.create_stage)  # once per connection; a no-op after
+                    # Every time, in this transaction: after the first it is a catalog look-up, and a
+                    # batch rolled back with the table's creation in it cannot leave the next without one.
+                    await conn.execute(up.create_stage)
                     driver: Any = (await conn.get_raw_connection()).driver_connection
                     await driver.copy_records_to_table(up.stage, records=up.records(cells), columns=up.columns)
                     await conn.execute(up.from_stage)
