@@ -167,9 +167,9 @@ class Runner:
             return
         busy = self.inflight is not None or self.pending is not None
         room = self.settings.batch_max_records - (self.pending.records if self.pending is not None else 0)
-        polled = await self.consumer.getmany(  # not under the lock: see the module docstring
-            timeout_ms=BUSY_POLL_MS if busy else self.settings.batch_max_wait_ms, max_records=max(1, room)
-        )
+        polled = await self._poll(BUSY_POLL_MS if busy else self.settings.batch_max_wait_ms, max(1, room))
+        if polled is None:
+            return
         async with self.lock:
             if polled:
                 await self._prepare({_tp(tp): records for tp, records in polled.items()})
@@ -177,6 +177,30 @@ class Runner:
                 await self._settle()
             await self._launch()
             self._observe_lag()
+
+    async def _poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]] | None:
+        """getmany, not under the lock (see the module docstring); None if a stop came first.
+
+        getmany waits past its timeout while the group rebalances, and a rebalance can last (a
+        member frozen or killed holds it up until its session expires): a stop must not wait
+        for it. What a cancelled poll fetched stays unapplied, so it is read again by the
+        partition's next owner.
+        """
+        poll = asyncio.ensure_future(self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this step cancelled: so is its poll
+            poll.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if poll.done():
+            return poll.result()  # type: ignore[no-any-return]
+        poll.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poll
+        return None
 
     async def _prepare(self, polled: dict[TP, list[Any]]) -> None:
         # Decoding and aggregating is CPU work: a thread keeps heartbeats, /metrics and the flush in flight going.
