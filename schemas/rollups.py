@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 
@@ -112,10 +112,41 @@ class RollupSpec:
     where: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # How long buckets are kept; None: forever. Not part of the definition (see `definition`).
     retention: timedelta | None = None
+    # Every stored granularity, ascending, the base (`granularity`) first; () means base only.
+    # Not part of the definition either: a coarser table is derived from the base table's rows.
+    granularities: tuple[Granularity, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.granularities:
+            object.__setattr__(self, "granularities", (self.granularity,))
+        ranks = [TABLE_GRANULARITIES.index(g) for g in self.granularities]
+        if self.granularities[0] != self.granularity or ranks != sorted(set(ranks)):
+            raise RollupSpecError(
+                f"rollup {self.name!r}: granularities {list(self.granularities)} must ascend from the base "
+                f"{self.granularity!r}, without repeats"
+            )
 
     @property
     def table(self) -> str:
         return f"agg_{self.name}"
+
+    @property
+    def coarse_granularities(self) -> tuple[Granularity, ...]:
+        """The stored granularities other than the base: each a table derived from the base's rows."""
+        return self.granularities[1:]
+
+    def table_for(self, granularity: str) -> str:
+        """`agg_<name>` for the base, `agg_<name>__<granularity>` for a coarser stored one."""
+        if granularity == self.granularity:
+            return self.table
+        if granularity not in self.granularities:
+            raise KeyError(f"rollup {self.name!r} stores no {granularity!r} table")
+        return f"{self.table}__{granularity}"
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """Every table of the rollup, base first, in `granularities` order."""
+        return tuple(self.table_for(g) for g in self.granularities)
 
     @property
     def dimension_columns(self) -> tuple[str, ...]:
@@ -205,6 +236,13 @@ def definition(spec: RollupSpec) -> dict[str, Any]:
 
     Retention is left out on purpose: it decides how long rows are kept, not what
     they hold, so changing it needs no migration and fences no consumer.
+
+    `granularities` is left out too: adding an hour table does not change one row of
+    the base table, and a fingerprint change means "a different table" (refused, a
+    new name, a backfill). A coarser table is a pure function of the base's rows, so
+    `tally migrate` builds it from them; the registry records the stored set apart
+    (`tally_rollups.granularities`, see `stored_text`) and a change to it bumps
+    `rollups_version`, which fences consumers that would not write the new table.
     """
     return {
         "granularity": spec.granularity,
@@ -219,13 +257,52 @@ def fingerprint(spec: RollupSpec) -> str:
     return hashlib.sha256(orjson.dumps(definition(spec), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def _parse_granularities(raw: Mapping[str, Any], name: str) -> tuple[Granularity, tuple[Granularity, ...]]:
+    """The base granularity and every stored one (ascending, base first) from `granularity`/`granularities`.
+
+    The finest of `granularities` is the base; a `granularity` given beside them must
+    name that finest one, so that a file never says two different things about the base.
+    """
+    given = raw.get("granularity")
+    if given is not None and given not in TABLE_GRANULARITIES:
+        raise RollupSpecError(f"rollup {name!r}: granularity must be one of {TABLE_GRANULARITIES}")
+    listed = raw.get("granularities")
+    if listed is None:
+        base = cast(Granularity, given or "minute")
+        return base, (base,)
+    if not isinstance(listed, list) or not listed:
+        raise RollupSpecError(f'rollup {name!r}: granularities must be a non-empty list like ["minute", "hour"]')
+    bad = [g for g in listed if g not in TABLE_GRANULARITIES]
+    if bad:
+        raise RollupSpecError(
+            f"rollup {name!r}: granularities {bad!r} are not stored granularities; use {', '.join(TABLE_GRANULARITIES)}"
+        )
+    if len(set(listed)) != len(listed):
+        raise RollupSpecError(f"rollup {name!r}: granularities {listed!r} repeat one")
+    stored: tuple[Granularity, ...] = tuple(sorted(listed, key=TABLE_GRANULARITIES.index))
+    if given is not None and given != stored[0]:
+        raise RollupSpecError(
+            f"rollup {name!r}: granularity = {given!r} conflicts with granularities {listed!r}, whose finest "
+            f"({stored[0]!r}) is the base; drop `granularity` or make it {stored[0]!r}"
+        )
+    return stored[0], stored
+
+
+def stored_text(spec: RollupSpec) -> str:
+    """The stored granularities as the registry records them: `minute,hour,day`."""
+    return ",".join(spec.granularities)
+
+
+def parse_stored_text(value: str | None, base: str) -> tuple[str, ...]:
+    """`stored_text` read back; NULL (a registry row older than coarse tables) is the base alone."""
+    return (base,) if not value else tuple(value.split(","))
+
+
 def parse_rollup(raw: Mapping[str, Any]) -> RollupSpec:
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise RollupSpecError(f"rollup name {name!r} must match {_NAME.pattern}")
-    granularity = raw.get("granularity", "minute")
-    if granularity not in TABLE_GRANULARITIES:
-        raise RollupSpecError(f"rollup {name!r}: granularity must be one of {TABLE_GRANULARITIES}")
+    granularity, granularities = _parse_granularities(raw, name)
     dims_raw = raw.get("dimensions", [])
     if not isinstance(dims_raw, list):
         raise RollupSpecError(f"rollup {name!r}: dimensions must be a list")
@@ -241,7 +318,7 @@ def parse_rollup(raw: Mapping[str, Any]) -> RollupSpec:
         where[path] = tuple(dimension_text(v) for v in vals)
     retention_raw = raw.get("retention")
     retention = None if retention_raw is None else parse_retention(retention_raw, name, granularity)
-    spec = RollupSpec(name, granularity, dimensions, measures, where, retention)
+    spec = RollupSpec(name, granularity, dimensions, measures, where, retention, granularities)
     columns = ["bucket", *spec.dimension_columns, *spec.measure_columns]
     duplicates = sorted({c for c in columns if columns.count(c) > 1})
     if duplicates:
@@ -257,6 +334,15 @@ def parse_rollups(doc: Mapping[str, Any]) -> tuple[RollupSpec, ...]:
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise RollupSpecError("rollup names must be unique")
+    owners: dict[str, str] = {}
+    for spec in specs:
+        for table in spec.tables:
+            if table in owners:
+                raise RollupSpecError(
+                    f"table {table} would belong to rollups {owners[table]!r} and {spec.name!r}: "
+                    f"rename one (a coarser table is agg_<name>__<granularity>)"
+                )
+            owners[table] = spec.name
     if not specs:
         raise RollupSpecError("no [[rollup]] is declared")
     return specs

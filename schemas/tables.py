@@ -64,12 +64,15 @@ def api_keys_table(metadata: MetaData) -> Table:
     )
 
 
-def rollup_table(spec: RollupSpec, metadata: MetaData) -> Table:
-    """`agg_<name>(bucket, dims..., measures...)`, keyed by (bucket, dims...).
+def rollup_table(spec: RollupSpec, metadata: MetaData, granularity: str | None = None) -> Table:
+    """`agg_<name>(bucket, dims..., measures...)`, keyed by (bucket, dims...); or, given a coarser
+    stored granularity, its table `agg_<name>__<granularity>` with the same columns and keys.
 
     Each dimension also gets a (dimension, bucket) index so that a filter on one
-    dimension over a time range is an index scan.
+    dimension over a time range is an index scan. Index names carry the table name,
+    so a coarse table's do not collide with the base's.
     """
+    name = spec.table_for(granularity or spec.granularity)
     columns: list[Column[object]] = [Column("bucket", DateTime(timezone=True), nullable=False)]
     columns += [Column(c, Text, nullable=False, server_default=text("''")) for c in spec.dimension_columns]
     for m in spec.measures:
@@ -77,9 +80,9 @@ def rollup_table(spec: RollupSpec, metadata: MetaData) -> Table:
             columns.append(Column(m.column, BigInteger, nullable=False))
         else:
             columns.append(Column(m.column, Numeric, nullable=True))
-    table = Table(spec.table, metadata, *columns, PrimaryKeyConstraint(*spec.key_columns))
+    table = Table(name, metadata, *columns, PrimaryKeyConstraint(*spec.key_columns))
     for c in spec.dimension_columns:
-        Index(f"ix_{spec.table}_{c}_bucket", table.c[c], table.c.bucket)
+        Index(f"ix_{name}_{c}_bucket", table.c[c], table.c.bucket)
     return table
 
 
@@ -99,6 +102,8 @@ def registry_tables(metadata: MetaData) -> None:
         Column("name", Text, primary_key=True),
         Column("fingerprint", Text, nullable=False),
         Column("definition", Text, nullable=False),
+        # The stored granularities (`minute,hour,day`); NULL in rows older than coarse tables: base only.
+        Column("granularities", Text, nullable=True),
         Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
         Column("retired_at", DateTime(timezone=True), nullable=True),
     )
@@ -150,5 +155,6 @@ def build_metadata(specs: Iterable[RollupSpec]) -> MetaData:
     registry_tables(metadata)
     seen_events_table(metadata)
     for spec in specs:
-        rollup_table(spec, metadata)
+        for granularity in spec.granularities:
+            rollup_table(spec, metadata, granularity)
     return metadata
