@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from core import metrics
 from core.db import ReadEngine
 from core.problems import Unavailable
-from query.catalog import Rollup
+from query.catalog import Rollup, Source
 from query.cursor import Value
 from query.params import RollupQuery
 from query.planner import count_plan, plan
 from query.render import csv_header, csv_rows
 from query.service import bounded_connection, connect_within, cut_after, database_errors
+from schemas.rollups import RollupSpec
 
 CHUNK_ROWS = 2_000
 
@@ -68,10 +69,12 @@ async def open_export(
     chunk is ready before the response is committed to a 200. Each step on the database
     must be done within `deadline` seconds."""
     total = None
+    source = rollup.source(q)
     if q.total:
         async with database_errors(engine), bounded_connection(engine, deadline) as conn:
-            total = int((await conn.execute(count_plan(rollup.spec, rollup.table, q))).one()[0])
-    chunks = _chunks(engine, gate, rollup, q, after, deadline)
+            counted = count_plan(rollup.spec, source.table, q, stored=source.granularity)
+            total = int((await conn.execute(counted)).one()[0])
+    chunks = _chunks(engine, gate, rollup.spec, source, q, after, deadline)
     first = await anext(chunks)
 
     async def body() -> AsyncIterator[bytes]:
@@ -88,7 +91,8 @@ async def open_export(
 async def _chunks(
     engine: ReadEngine,
     gate: ExportGate,
-    rollup: Rollup,
+    spec: RollupSpec,
+    source: Source,
     q: RollupQuery,
     after: Sequence[Value] | None,
     deadline: float,
@@ -100,7 +104,7 @@ async def _chunks(
             conn, driver = await connect_within(engine, deadline)
             try:
                 with cut_after(driver, deadline):
-                    result = await conn.stream(plan(rollup.spec, rollup.table, q, after))
+                    result = await conn.stream(plan(spec, source.table, q, after, stored=source.granularity))
                 head = csv_header(q)
                 while True:
                     with cut_after(driver, deadline):  # each chunk, not the whole transfer

@@ -21,12 +21,11 @@ import orjson
 
 from core.problems import BadRequest
 from query.timerange import (
-    LOCAL_GRANULARITIES,
     TimeExpr,
     TimeRange,
     align,
     format_instant,
-    offsets_fit,
+    nests,
     parse_time,
     parse_zone,
 )
@@ -336,7 +335,7 @@ def _check_range(spec: RollupSpec, q: RollupQuery, limits: Limits) -> None:
                 f"{buckets:,} {q.granularity} buckets, more than the {limits.max_buckets:,} a query may group "
                 f"(TALLY_MAX_BUCKETS); use {hint}a shorter range, or leave 'bucket' out of 'fields' for totals"
             )
-    if q.granularity in LOCAL_GRANULARITIES and not offsets_fit(q.tzinfo, q.range, spec.granularity):
+    if not nests(spec.granularity, q.granularity, q.tzinfo, q.range):
         raise BadRequest(
             f"rollup {spec.name!r} stores {spec.granularity} buckets, which cannot be merged exactly into "
             f"{q.granularity}s of time zone {q.zone!r} (its UTC offset is not a whole {spec.granularity}); "

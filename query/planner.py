@@ -2,6 +2,8 @@
 
 Shape: `SELECT <fields>, "stored rows" FROM (<grouped>) AS sub [WHERE <measure ranges>
 AND <after cursor>] ORDER BY <total order> LIMIT n+1 [OFFSET k]`, where `<grouped>`
+reads the coarsest stored table that serves the query (`stored_granularity`: a 90-day
+hourly dashboard reads 2,160 hour buckets per group, not 129,600 minute ones),
 re-buckets with `date_trunc(<granularity>, bucket, <tz>)` and merges measures
 exactly (count and sum by sum, min by min, max by max). Measure ranges and the
 keyset predicate apply to the grouped subquery because they compare merged
@@ -34,8 +36,8 @@ from sqlalchemy.sql.expression import FromClause
 
 from query.cursor import Kind, Value
 from query.params import Bound, OrderItem, RollupQuery
-from query.timerange import LOCAL_GRANULARITIES, parse_zone
-from schemas.rollups import GRANULARITIES, RollupSpec
+from query.timerange import LOCAL_GRANULARITIES, nests, on_boundaries, parse_zone
+from schemas.rollups import GRANULARITIES, Granularity, RollupSpec
 
 ROWS = "stored rows"  # a space: no rollup column can be named so, so it never collides
 
@@ -63,8 +65,29 @@ def nullable(spec: RollupSpec, column: str) -> bool:
     return column in spec.measure_columns and spec.measure(column).op != "count"
 
 
-def bucket_expr(spec: RollupSpec, table: Table, granularity: str, zone: str = "UTC") -> ColumnElement[object]:
-    if granularity == spec.granularity:
+def stored_granularity(spec: RollupSpec, q: RollupQuery) -> Granularity:
+    """The coarsest stored granularity whose table answers `q` exactly (the base one at worst).
+
+    A table serves when both ends of the range are on its bucket boundaries and, if the
+    rows are grouped by bucket, each asked bucket is a whole number of its buckets in the
+    query's zone (`nests`: a +05:30 zone's days need minutes, Paris's days hours, only UTC
+    days the day table). Without a bucket in the group, the granularity only aligns the
+    range, so a table coarser than it serves any range its buckets tile.
+    """
+    best = spec.granularity
+    for stored in spec.granularities:  # ascending: the last that serves is the coarsest
+        if not on_boundaries(q.range, stored):
+            continue
+        if "bucket" in q.group and not nests(stored, q.granularity, q.tzinfo, q.range):
+            continue
+        best = stored
+    return best
+
+
+def bucket_expr(stored: str, table: Table, granularity: str, zone: str = "UTC") -> ColumnElement[object]:
+    """The asked bucket of each row of `table` (buckets of `stored`): the column itself when
+    they are the same size, else `date_trunc` in the query's zone."""
+    if granularity == stored:
         return table.c.bucket
     if granularity not in GRANULARITIES:  # validated upstream; a literal must never be client text
         raise ValueError(f"unknown granularity {granularity!r}")
@@ -78,11 +101,12 @@ def bucket_expr(spec: RollupSpec, table: Table, granularity: str, zone: str = "U
     )
 
 
-def grouped(spec: RollupSpec, table: Table, q: RollupQuery) -> Select[*tuple[Any, ...]]:
+def grouped(spec: RollupSpec, table: Table, q: RollupQuery, stored: str | None = None) -> Select[*tuple[Any, ...]]:
+    stored = stored or spec.granularity
     columns: list[ColumnElement[Any]] = []
     keys: list[ColumnElement[object]] = []
     for name in q.group:
-        expr = bucket_expr(spec, table, q.granularity, q.zone) if name == "bucket" else table.c[name]
+        expr = bucket_expr(stored, table, q.granularity, q.zone) if name == "bucket" else table.c[name]
         keys.append(expr)
         columns.append(expr.label(name))
     for name in q.computed_measures:
@@ -140,11 +164,17 @@ def _in_bounds(sub: FromClause, bounds: Sequence[tuple[str, Sequence[Bound]]]) -
 
 
 def plan(
-    spec: RollupSpec, table: Table, q: RollupQuery, cursor: Sequence[Value] | None = None
+    spec: RollupSpec,
+    table: Table,
+    q: RollupQuery,
+    cursor: Sequence[Value] | None = None,
+    *,
+    stored: str | None = None,
 ) -> Select[*tuple[Any, ...]]:
-    """The page query: the fields, then `stored rows`; it fetches `limit + 1` rows so the caller
-    knows whether a next page exists (an export fetches exactly `limit`)."""
-    sub = grouped(spec, table, q).subquery("sub")
+    """The page query over `table`, whose buckets are `stored` (default: the base table's): the
+    fields, then `stored rows`; it fetches `limit + 1` rows so the caller knows whether a next
+    page exists (an export fetches exactly `limit`)."""
+    sub = grouped(spec, table, q, stored).subquery("sub")
     stmt = select(*(sub.c[f] for f in q.fields), sub.c[ROWS]).where(*_in_bounds(sub, q.bounds))
     if cursor is not None:
         stmt = stmt.where(after(spec, sub, q.order, cursor))
@@ -153,9 +183,11 @@ def plan(
     return stmt.offset(q.offset) if q.offset else stmt
 
 
-def count_plan(spec: RollupSpec, table: Table, q: RollupQuery) -> Select[*tuple[Any, ...]]:
+def count_plan(
+    spec: RollupSpec, table: Table, q: RollupQuery, *, stored: str | None = None
+) -> Select[*tuple[Any, ...]]:
     """`total=true`: how many rows the whole query matches, and how many stored rows they merge."""
-    sub = grouped(spec, table, q).subquery("sub")
+    sub = grouped(spec, table, q, stored).subquery("sub")
     return select(func.count(type_=BigInteger()), func.coalesce(func.sum(sub.c[ROWS]), 0, type_=BigInteger())).where(
         *_in_bounds(sub, q.bounds)
     )

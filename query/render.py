@@ -50,7 +50,10 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value, default=_default, option=orjson.OPT_UTC_Z)
 
 
-def meta(q: RollupQuery, rows: int, rows_read: int, total: int | None) -> dict[str, Any]:
+def meta(
+    q: RollupQuery, rows: int, rows_read: int, total: int | None, source: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """The query as normalized, what it read, and (`source`: table, its granularity) which table answered."""
     out: dict[str, Any] = {
         "rollup": q.rollup,
         "granularity": q.granularity,
@@ -64,6 +67,8 @@ def meta(q: RollupQuery, rows: int, rows_read: int, total: int | None) -> dict[s
         "rows": rows,
         "rows_read": rows_read,
     }
+    if source is not None:
+        out["table"], out["table_granularity"] = source
     if q.offset:
         out["offset"] = q.offset
     if total is not None:
@@ -126,7 +131,13 @@ def _csv_text(rows: Iterable[Iterable[object]]) -> bytes:
 
 
 def render(
-    q: RollupQuery, rows: Sequence[Sequence[object]], next_cursor: str | None, *, rows_read: int, total: int | None
+    q: RollupQuery,
+    rows: Sequence[Sequence[object]],
+    next_cursor: str | None,
+    *,
+    rows_read: int,
+    total: int | None,
+    source: tuple[str, str] | None = None,
 ) -> Rendered:
     if q.format == "csv":
         return Rendered(csv_header(q) + csv_rows(q, rows), MEDIA_TYPES["csv"])
@@ -136,5 +147,5 @@ def render(
         data = {f: [row[i] for row in local] for i, f in enumerate(q.fields)}
     else:
         data = [dict(zip(q.fields, row, strict=True)) for row in local]
-    body = dumps({"data": data, "next_cursor": next_cursor, "meta": meta(q, len(rows), rows_read, total)})
+    body = dumps({"data": data, "next_cursor": next_cursor, "meta": meta(q, len(rows), rows_read, total, source)})
     return Rendered(body, MEDIA_TYPES[q.format])

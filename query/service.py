@@ -135,13 +135,14 @@ async def run_query(
     started = time.perf_counter()
     metrics.query_computations.labels(q.rollup, reason).inc()
     total: int | None = None
+    source = rollup.source(q)
     async with database_errors(engine), bounded_connection(engine, deadline) as conn:
         metrics.db_pool_in_use.labels("query").set(engine.pool.checkedout())  # type: ignore[attr-defined]
-        fetched: list[tuple[Any, ...]] = [
-            tuple(r) for r in (await conn.execute(plan(rollup.spec, rollup.table, q, after))).all()
-        ]
+        stmt = plan(rollup.spec, source.table, q, after, stored=source.granularity)
+        fetched: list[tuple[Any, ...]] = [tuple(r) for r in (await conn.execute(stmt)).all()]
         if q.total:
-            total = int((await conn.execute(count_plan(rollup.spec, rollup.table, q))).one()[0])
+            counted = count_plan(rollup.spec, source.table, q, stored=source.granularity)
+            total = int((await conn.execute(counted)).one()[0])
     # Each fetched row is the fields, then how many stored rows were merged into it.
     rows = [r[:-1] for r in fetched[: q.limit]]
     next_cursor = None
@@ -150,7 +151,14 @@ async def run_query(
         index = {f: i for i, f in enumerate(q.fields)}
         values = tuple(last[index[o.column]] for o in q.order)
         next_cursor = cursors.encode(values, q.fingerprint(), q.range, secret)
-    rendered = render(q, rows, next_cursor, rows_read=sum(int(r[-1]) for r in fetched[: q.limit]), total=total)
+    rendered = render(
+        q,
+        rows,
+        next_cursor,
+        rows_read=sum(int(r[-1]) for r in fetched[: q.limit]),
+        total=total,
+        source=(source.table.name, source.granularity),
+    )
     return Entry(
         body=rendered.body,
         media_type=rendered.media_type,

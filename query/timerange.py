@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, available_timezones
 
 from core.problems import BadRequest
 from schemas.reltime import relative_seconds
+from schemas.rollups import granularity_rank
 
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # A `+` in a query string decodes to a space unless the client percent-encodes it.
@@ -226,3 +227,21 @@ def offsets_fit(zone: tzinfo, range_: TimeRange, table_granularity: str) -> bool
             break
         instant = min(instant + timedelta(days=1), range_.end)
     return True
+
+
+def nests(table_granularity: str, granularity: str, zone: tzinfo, range_: TimeRange) -> bool:
+    """Whether every `granularity` bucket of `zone` in `range_` is a whole number of the table's buckets.
+
+    The one rule for merging stored buckets into coarser ones: parameters refuse a query the
+    base table cannot serve by it, and the planner picks the coarsest stored table that
+    passes it. Minute and hour buckets are UTC instants, so any finer table serves them; a
+    day, week or month follows local midnight, which must fall on the table's boundaries.
+    """
+    if granularity_rank(table_granularity) > granularity_rank(granularity):
+        return False
+    return granularity not in LOCAL_GRANULARITIES or offsets_fit(zone, range_, table_granularity)
+
+
+def on_boundaries(range_: TimeRange, table_granularity: str) -> bool:
+    """Whether both ends of `range_` are bucket starts of a (UTC) table of `table_granularity`."""
+    return all(floor(edge, table_granularity) == edge for edge in (range_.start, range_.end))

@@ -43,7 +43,20 @@ class MeasureInfo(BaseModel):
 class RollupInfo(BaseModel):
     name: str
     table: str
-    granularity: str
+    granularity: str = Field(description="The base table's bucket: the finest a query may ask for.")
+    stored_granularities: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Granularities stored as tables, ascending, the base one first; a query reads the coarsest "
+            "that serves it exactly (`meta.table`)."
+        ),
+        examples=[["minute", "hour", "day"]],
+    )
+    tables: dict[str, str] = Field(
+        default_factory=dict,
+        description="The table of each stored granularity.",
+        examples=[{"minute": "agg_events_by_type", "hour": "agg_events_by_type__hour"}],
+    )
     granularities: list[str] = Field(description="Granularities this rollup can be queried at.")
     dimensions: list[DimensionInfo]
     measures: list[MeasureInfo]
@@ -82,6 +95,15 @@ class QueryMeta(BaseModel):
     offset: int | None = None
     rows: int = Field(description="Rows in this page.")
     rows_read: int = Field(description="Stored rollup rows merged into this page's rows.")
+    table: str | None = Field(
+        default=None,
+        description=(
+            "The stored table that answered: the coarsest whose buckets merge exactly into the asked ones "
+            "in `tz` and tile the range (a 90-day hourly query reads the hour table, not minutes)."
+        ),
+        examples=["agg_events_by_type__hour"],
+    )
+    table_granularity: str | None = Field(default=None, description="The bucket size of `table`.")
     total: int | None = Field(default=None, description="Rows the whole query matches (`total=true` only).")
     query_ms: float = Field(description="Postgres time when this answer was computed (a hit keeps the original).")
     cache: Literal["hit", "stale", "miss", "bypass"] = Field(description="How this response was obtained.")
