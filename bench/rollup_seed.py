@@ -8,8 +8,11 @@ maintains. Rows are a dense grid, in bucket order (as the consumer appends them)
 every minute holds every (type, source) pair, so a filter on one type keeps
 1/len(types) of a range and one source 1/len(sources). Values are deterministic
 functions of the row number; `page_view` rows and every 11th row have NULL amounts
-(events without a numeric `properties.amount`). ANALYZE follows, so the planner
-sees the new statistics at once instead of whenever autovacuum gets to them.
+(events without a numeric `properties.amount`). When the rollup declares coarser
+tables (`granularities`, issue 18), they are rebuilt from the seeded rows with
+core.coarse, as the consumer would have kept them, so a query that reads them sees
+the same data. ANALYZE follows, so the planner sees the new statistics at once
+instead of whenever autovacuum gets to them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from sqlalchemy.engine import make_url
+
+from core.coarse import fill_coarse_tables_at
+from core.settings import DEFAULT_ROLLUPS
+from schemas.rollups import RollupSpec, load_rollups
 
 TABLE = "agg_events_by_type"
 TYPES: tuple[str, ...] = (
@@ -109,9 +116,11 @@ async def seed_rollup(
     end: datetime | None = None,
     types: tuple[str, ...] = TYPES,
     sources: tuple[str, ...] = SOURCES,
+    spec: RollupSpec | None = None,
 ) -> Seeded:
     """Insert `rows` rows into an empty, migrated `agg_events_by_type` ending just before `end`
-    (default `default_end()`), then ANALYZE it. Returns the range the buckets cover."""
+    (default `default_end()`), fill its coarse tables, then ANALYZE them all. Returns the range
+    the buckets cover. `spec` is the rollup as migrated (default: core/rollups.toml's)."""
     if rows < 1:
         raise ValueError("rows must be at least 1")
     per_minute = len(types) * len(sources)
@@ -122,7 +131,29 @@ async def seed_rollup(
         # No statement timeout for the bulk insert, whatever the role's default is.
         await conn.execute("SET statement_timeout = 0")
         await conn.execute(_SEED, start, per_minute, len(sources), list(types), list(sources), rows)
-        await conn.execute("ANALYZE agg_events_by_type")
     finally:
         await conn.close()
+    await fill_coarse(url, spec or default_spec())
     return Seeded(start=start, end=end, rows=rows, types=types, sources=sources)
+
+
+def default_spec() -> RollupSpec:
+    """`events_by_type` as the shipped rollups file declares it (what `tally migrate` made by default)."""
+    return next(s for s in load_rollups(DEFAULT_ROLLUPS) if s.table == TABLE)
+
+
+async def fill_coarse(url: str, spec: RollupSpec) -> None:
+    """Rebuild `spec`'s coarse tables from its seeded base table, then ANALYZE every table of it."""
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        await conn.execute("SET statement_timeout = 0")
+        present = [await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", t) for t in spec.tables]
+        if not all(present):
+            missing = [t for t, there in zip(spec.tables, present, strict=True) if not there]
+            raise RuntimeError(f"{', '.join(missing)} missing: migrate with the rollups file that declares them")
+        if spec.coarse_granularities:
+            await fill_coarse_tables_at(url, [spec])
+        for table in spec.tables:
+            await conn.execute(f'ANALYZE "{table}"')
+    finally:
+        await conn.close()
