@@ -345,6 +345,55 @@ def aggregate_retained(
     return out, expired
 
 
+def _floors(granularity: str) -> Any:
+    """The function flooring a base bucket (an aware UTC datetime) to a coarser stored granularity."""
+    if granularity == "hour":
+        return lambda b: b.replace(minute=0, second=0, microsecond=0)
+    if granularity == "day":
+        return lambda b: b.replace(hour=0, minute=0, second=0, microsecond=0)
+    raise ValueError(f"{granularity!r} is not a coarse stored granularity")
+
+
+def coarse_cells(plan: RollupPlan, granularity: str, cells: Cells) -> Cells:
+    """The cells of the rollup's `granularity` table that a batch's base `cells` add up to.
+
+    Rows whose bucket floors to the same coarse bucket merge as upserts do (count and
+    sum add, min/max keep the extreme, None is the identity), so the coarse table
+    stays the re-bucketing of the base table at every commit. Per row, not per event:
+    a batch has far fewer rows than events, and fewer buckets still (each floored once).
+    """
+    floor = _floors(granularity)
+    floored: dict[datetime, datetime] = {}
+    out: Cells = {}
+    ops = [op for op, _ in plan.ops]
+    counts_only = all(op == _COUNT for op in ops)
+    for key, values in cells.items():
+        bucket = key[0]
+        coarse = floored.get(bucket)
+        if coarse is None:
+            coarse = floored[bucket] = floor(bucket)
+        row = (coarse, *key[1:])
+        mine = out.get(row)
+        if mine is None:
+            out[row] = list(values)
+        elif counts_only:
+            out[row] = [old + new for old, new in zip(mine, values, strict=True)]  # type: ignore[operator]
+        else:
+            out[row] = [_combine(op, old, new) for op, old, new in zip(ops, mine, values, strict=True)]
+    return out
+
+
+def table_cells(plan: RollupPlan, cells: Cells) -> dict[str, Cells]:
+    """Every stored table's cells for one rollup's base `cells`, base table first, then coarser ones."""
+    spec = plan.spec
+    out = {spec.table: cells}
+    source = cells
+    for granularity in spec.coarse_granularities:  # each from the finer one: hour -> day reads fewer rows
+        source = coarse_cells(plan, granularity, source)
+        out[spec.table_for(granularity)] = source
+    return out
+
+
 def merge_cells(plan: RollupPlan, a: Cells, b: Cells) -> Cells:
     """`a` and `b` combined into a new mapping; neither input is changed."""
     out: Cells = {key: list(values) for key, values in a.items()}

@@ -20,11 +20,11 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumers.aggregate import RollupPlan
+from consumers.aggregate import Aggregates, Cells, RollupPlan, table_cells
 from consumers.batch import PreparedBatch
 from consumers.dedup_store import Claimed, Dedup
 from consumers.retry import postgres_transient, retrying
-from consumers.sql import ADVANCE_OFFSET, COPY_MIN_ROWS, RECORD_STARTS, Upsert, upsert
+from consumers.sql import ADVANCE_OFFSET, COPY_MIN_ROWS, RECORD_STARTS, Upsert, upserts
 from core import metrics
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,29 @@ class Flusher:
     ) -> None:
         self.engine = engine
         self.group_id = group_id
-        self.upserts: tuple[Upsert, ...] = tuple(upsert(p) for p in plans)
+        self.plans = tuple(plans)
+        # Every stored table of every rollup, base then coarser, in one order for every consumer.
+        self.upserts: tuple[Upsert, ...] = upserts(self.plans)
         self.version = version  # the rollup registry version this flusher applies for
         self.record_starts = record_starts
         self._started: set[tuple[str, int]] = set()  # partitions whose rollup starts are recorded
         self.dedup = dedup  # claims event ids in the same transaction (TALLY_DEDUP)
 
+    def tables(self, aggregates: Aggregates) -> dict[str, Cells]:
+        """The cells of every stored table: each rollup's base cells and the coarser cells derived from them."""
+        out: dict[str, Cells] = {}
+        for plan in self.plans:
+            cells = aggregates.get(plan.name)
+            if cells:
+                out.update(table_cells(plan, cells))
+        return out
+
     async def apply(self, batch: PreparedBatch) -> bool:
         """One attempt: True if committed, False if fenced (rolled back, nothing changed)."""
         opened = time.monotonic()
+        # The coarse cells are derived before the transaction when no claim can change the base
+        # cells, else after the claim (it takes duplicates out of them).
+        tables = self.tables(batch.aggregates) if self.dedup is None or batch.candidates is None else None
         try:
             async with self.engine.begin() as conn:
                 for adv in sorted(batch.advances, key=lambda a: (a.topic, a.partition)):
@@ -77,11 +91,12 @@ class Flusher:
                 aggregates = batch.aggregates
                 claimed: Claimed | None = None
                 if self.dedup is not None and batch.candidates is not None:
-                    plans = [u.plan for u in self.upserts]
-                    claimed = await self.dedup.claim(conn, batch.candidates, aggregates, plans, opened=opened)
+                    claimed = await self.dedup.claim(conn, batch.candidates, aggregates, self.plans, opened=opened)
                     aggregates, batch.duplicates = claimed.aggregates, claimed.duplicates
+                if tables is None:
+                    tables = self.tables(aggregates)
                 for up in self.upserts:
-                    cells = aggregates.get(up.plan.name)
+                    cells = tables.get(up.table)
                     if not cells:
                         continue
                     if len(cells) < COPY_MIN_ROWS:
@@ -102,7 +117,7 @@ class Flusher:
                             "topic": adv.topic,
                             "partition": adv.partition,
                             "start": adv.expected,
-                            "rollups": [u.plan.name for u in self.upserts],
+                            "rollups": [p.name for p in self.plans],
                         },
                     )
                 if claimed is not None:
@@ -132,8 +147,8 @@ class Flusher:
         metrics.consumer_batch_seconds.observe(time.perf_counter() - started)
         if batch.duplicates:
             metrics.consumer_duplicates.inc(batch.duplicates)
-        for up in self.upserts:
-            rows = len(batch.aggregates.get(up.plan.name, ()))
+        for plan in self.plans:  # base rows: the coarse tables' rows are derived from them
+            rows = len(batch.aggregates.get(plan.name, ()))
             if rows:
-                metrics.consumer_rows_upserted.labels(up.plan.name).inc(rows)
+                metrics.consumer_rows_upserted.labels(plan.name).inc(rows)
         return True

@@ -10,6 +10,7 @@ consumers lock rows in the same order and do not deadlock each other.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,7 @@ class Upsert:
     """The statements adding one batch's cells into one rollup table: unnest for a few rows, COPY for many."""
 
     plan: RollupPlan
+    table: str  # the table written: the rollup's base table or one of its coarser ones
     statement: TextClause  # INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT
     columns: tuple[str, ...]  # the table's columns, in the cells' order (key, then measures)
     stage: str  # a temporary table of the same columns, emptied at every commit
@@ -86,9 +88,17 @@ class Upsert:
         return list(map(tuple.__add__, cells.keys(), map(tuple, cells.values())))
 
 
-def upsert(plan: RollupPlan) -> Upsert:
+def upserts(plans: Sequence[RollupPlan]) -> tuple[Upsert, ...]:
+    """Every table's statements, in the order every consumer writes them (so they never deadlock each
+    other): rollup by rollup, each base table first, then its coarser ones, ascending."""
+    return tuple(upsert(p, g) for p in plans for g in p.spec.granularities)
+
+
+def upsert(plan: RollupPlan, granularity: str | None = None) -> Upsert:
+    """The statements for the rollup's table at `granularity` (default: its base table)."""
     spec = plan.spec
-    table = quote(spec.table)
+    name = spec.table_for(granularity or spec.granularity)
+    table = quote(name)
     keys = [quote(c) for c in spec.key_columns]
     measures = [(quote(m.column), m.op) for m in spec.measures]
     columns = [*keys, *(c for c, _ in measures)]
@@ -99,10 +109,11 @@ def upsert(plan: RollupPlan) -> Upsert:
     # deadlock each other; Postgres sorts them, cheaper than Python would.
     order = ", ".join(str(i + 1) for i in range(len(keys)))
     merge = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
-    stage = f"tally_stage_{spec.name}"
+    stage = f"tally_stage_{name.removeprefix('agg_')}"  # one per table: `tally_stage_<name>[__<granularity>]`
     # Identifiers come from validated specs and are quoted; every value is a bound array or COPY row.
     return Upsert(
         plan,
+        name,
         text(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) ORDER BY {order} {merge}"),  # noqa: S608
         tuple(c.strip('"') for c in columns),
         stage,

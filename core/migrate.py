@@ -3,6 +3,14 @@
 Idempotent: tables and indexes that exist are kept, new rollups are added, removed
 ones retired, and a changed definition is refused (see core.registry). A Postgres
 advisory lock keeps concurrent migrations from racing.
+
+A coarse table added to a rollup (`granularities`) is filled from the base table in
+the migration's transaction, after `LOCK TABLE tally_offsets IN SHARE MODE`: that
+waits for every consumer transaction that already moved its offsets (their base rows
+are then committed, and counted by the fill) and holds back the rest until the
+migration has committed the new `rollups_version`; Postgres reads the version after
+the lock is granted, so those are fenced, and none of their batches is missed by
+the new table or counted twice. Consumers wait for the length of the fill.
 """
 
 from __future__ import annotations
@@ -13,12 +21,13 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.coarse import fill_coarse_tables
 from core.db import write_engine
 from core.kafka import ensure_topics
 from core.registry import RegisteredRollup, RegistryPlan, plan_registry
 from core.retention import short_retentions
 from core.settings import Settings
-from schemas.rollups import definition, fingerprint
+from schemas.rollups import definition, fingerprint, parse_stored_text, stored_text
 from schemas.tables import build_metadata
 
 log = logging.getLogger(__name__)
@@ -49,17 +58,42 @@ async def migrate_database(settings: Settings) -> None:
 async def _registered(conn: AsyncConnection) -> dict[str, RegisteredRollup]:
     if (await conn.execute(text("SELECT to_regclass('tally_rollups')"))).scalar() is None:
         return {}
-    rows = await conn.execute(text("SELECT name, fingerprint, retired_at IS NOT NULL FROM tally_rollups"))
-    return {name: RegisteredRollup(name, fp, retired) for name, fp, retired in rows.all()}
+    # A registry made before coarse tables: its rollups store their base granularity only (NULL).
+    await conn.execute(text("ALTER TABLE tally_rollups ADD COLUMN IF NOT EXISTS granularities text"))
+    rows = await conn.execute(
+        text("SELECT name, fingerprint, retired_at IS NOT NULL, granularities, definition FROM tally_rollups")
+    )
+    return {
+        name: RegisteredRollup(name, fp, retired, parse_stored_text(stored, orjson.loads(d)["granularity"]))
+        for name, fp, retired, stored, d in rows.all()
+    }
 
 
 async def _apply(conn: AsyncConnection, plan: RegistryPlan) -> None:
     for spec in plan.add:
         # A table made before the registry existed is adopted as matching its declaration.
         await conn.execute(
-            text("INSERT INTO tally_rollups (name, fingerprint, definition) VALUES (:n, :f, :d)"),
-            {"n": spec.name, "f": fingerprint(spec), "d": orjson.dumps(definition(spec)).decode()},
+            text("INSERT INTO tally_rollups (name, fingerprint, definition, granularities) VALUES (:n, :f, :d, :g)"),
+            {
+                "n": spec.name,
+                "f": fingerprint(spec),
+                "d": orjson.dumps(definition(spec)).decode(),
+                "g": stored_text(spec),
+            },
         )
+    for spec in plan.regranulate:
+        await conn.execute(
+            text("UPDATE tally_rollups SET granularities = :g WHERE name = :n"),
+            {"n": spec.name, "g": stored_text(spec)},
+        )
+    if plan.dropped:
+        log.warning("no longer stored: %s (tables kept, no longer written)", ", ".join(plan.dropped))
+    if plan.fill:
+        # Before the fills read a base table: see the module's docstring.
+        await conn.execute(text("LOCK TABLE tally_offsets IN SHARE MODE"))
+        for spec, granularities in plan.fill:
+            await fill_coarse_tables(conn, spec, granularities)
+            log.info("filled %s from %s", ", ".join(spec.table_for(g) for g in granularities), spec.table)
     if plan.revive:
         await conn.execute(text("UPDATE tally_rollups SET retired_at = NULL WHERE name = ANY(:n)"), {"n": plan.revive})
     if plan.retire:

@@ -6,6 +6,14 @@ kept, no longer applied); one whose definition changed is refused, because its
 table's rows were counted under the old definition and mixing the two would
 make every number wrong. A changed rollup gets a new name, so a new table, and
 `tally backfill` fills its past.
+
+A rollup's stored granularities (its coarse tables, `agg_<name>__hour`...) are
+recorded apart from its definition: the base table's rows do not depend on them. A
+granularity added to a registered rollup gets its table filled from the base table
+by `tally migrate` (core.coarse); one removed keeps its table, no longer written,
+as a retired rollup does (a later re-add rebuilds it from the base). Either way the
+applied set changed, so `rollups_version` moves and consumers started with the old
+file are fenced: one of them would not write the new table, which would then drift.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ class RegisteredRollup:
     name: str
     fingerprint: str
     retired: bool
+    granularities: tuple[str, ...] = ()  # stored ones as registered; () for rows older than coarse tables
 
 
 @dataclass
@@ -32,10 +41,15 @@ class RegistryPlan:
     add: list[RollupSpec] = field(default_factory=list)
     revive: list[str] = field(default_factory=list)
     retire: list[str] = field(default_factory=list)
+    # Registered rollups whose stored granularities change: the registry row is rewritten.
+    regranulate: list[RollupSpec] = field(default_factory=list)
+    # Coarse tables to (re)build from the base table, per rollup: added ones, and all of a new rollup's.
+    fill: list[tuple[RollupSpec, tuple[str, ...]]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # `<rollup> <granularity>` no longer stored (tables kept)
 
     @property
     def changed(self) -> bool:
-        return bool(self.add or self.revive or self.retire)
+        return bool(self.add or self.revive or self.retire or self.regranulate)
 
 
 def plan_registry(registered: Mapping[str, RegisteredRollup], specs: Sequence[RollupSpec]) -> RegistryPlan:
@@ -54,7 +68,17 @@ def plan_registry(registered: Mapping[str, RegisteredRollup], specs: Sequence[Ro
         row = registered.get(spec.name)
         if row is None:
             plan.add.append(spec)
-        elif row.retired:
+            if spec.coarse_granularities:  # an adopted base table may hold rows already
+                plan.fill.append((spec, spec.coarse_granularities))
+            continue
+        if row.retired:
             plan.revive.append(spec.name)
+        stored = row.granularities or (spec.granularity,)
+        if stored != spec.granularities:
+            plan.regranulate.append(spec)
+            added = tuple(g for g in spec.coarse_granularities if g not in stored)
+            if added:
+                plan.fill.append((spec, added))
+            plan.dropped += [f"{spec.name} {g}" for g in stored if g not in spec.granularities]
     plan.retire = sorted(n for n, row in registered.items() if not row.retired and n not in wanted)
     return plan
