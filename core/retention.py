@@ -26,6 +26,14 @@ connection, so the consumers' periodic runs (`TALLY_RETENTION_INTERVAL_SECONDS`)
 and a cron'd `tally retention` skip while another runs; Postgres frees the lock
 if the runner dies. Running it again changes nothing once nothing is expired.
 
+Coarse tables (`granularities`): each is expired by the rollup's retention with the
+cut-off floored to its own granularity, so the bucket the horizon falls in is kept
+whole in every table (a day table keeps the horizon's whole day while the minute
+table has lost its first minutes: at that one edge bucket the coarse table holds
+more than the base table re-bucketed, by design). Nothing else differs: an event the
+consumers skip as expired is past the base table's cut-off, which is never before a
+coarse table's, so it is counted in no table.
+
 Late events: a consumer skips events in buckets older than `now - retention`
 (floored to the granularity; consumers.aggregate), counted in
 `tally_consumer_expired_events_total`. This job deletes only buckets older than
@@ -87,11 +95,14 @@ class Batch:
 
 @dataclass
 class RollupRetention:
+    """One table's run: a rollup's base table, or one of its coarse tables (`table` says which)."""
+
     rollup: str
     retention: str
     cutoff: datetime  # buckets before this were deleted (or, in a dry run, would be)
     deleted: int = 0
     batches: list[Batch] = field(default_factory=list)
+    table: str = ""
 
 
 @dataclass
@@ -105,12 +116,13 @@ class RetentionReport:
         return sum(r.deleted for r in self.rollups)
 
 
-def delete_cutoff(spec: RollupSpec, now: datetime, grace: timedelta) -> datetime:
-    """Buckets before this are deleted: the consumers' cut-off `grace` earlier."""
+def delete_cutoff(spec: RollupSpec, now: datetime, grace: timedelta, granularity: str | None = None) -> datetime:
+    """Buckets before this are deleted: the consumers' cut-off `grace` earlier, floored to the table's
+    granularity (default: the base's), so a coarse table keeps the horizon's bucket whole."""
     if spec.retention is None:
         raise ValueError(f"rollup {spec.name} keeps every bucket: it has no cut-off")
     now_ms = (now - grace - _EPOCH) // timedelta(milliseconds=1)
-    return _EPOCH + timedelta(milliseconds=expiry_cutoff_ms(now_ms, spec.retention, spec.granularity))
+    return _EPOCH + timedelta(milliseconds=expiry_cutoff_ms(now_ms, spec.retention, granularity or spec.granularity))
 
 
 def short_retentions(settings: Settings) -> list[str]:
@@ -151,16 +163,22 @@ def _batch_sql(table: str) -> str:
 
 async def _check_tables(conn: AsyncConnection, specs: Sequence[RollupSpec]) -> None:
     for spec in specs:
-        if (await conn.execute(text("SELECT to_regclass(:t)"), {"t": spec.table})).scalar() is None:
-            raise RetentionError(f"table {spec.table} does not exist: run `tally migrate`")
+        for table in spec.tables:
+            if (await conn.execute(text("SELECT to_regclass(:t)"), {"t": table})).scalar() is None:
+                raise RetentionError(f"table {table} does not exist: run `tally migrate`")
 
 
 async def _expire(
-    conn: AsyncConnection, spec: RollupSpec, cutoff: datetime, settings: Settings, stop: asyncio.Event | None
+    conn: AsyncConnection,
+    spec: RollupSpec,
+    table: str,
+    cutoff: datetime,
+    settings: Settings,
+    stop: asyncio.Event | None,
 ) -> RollupRetention:
-    """Delete the rollup's rows before `cutoff`, one short transaction per batch, oldest first."""
-    out = RollupRetention(spec.name, spec.retention_text or "", cutoff)
-    statement = text(_batch_sql(spec.table))
+    """Delete the table's rows before `cutoff`, one short transaction per batch, oldest first."""
+    out = RollupRetention(spec.name, spec.retention_text or "", cutoff, table=table)
+    statement = text(_batch_sql(table))
     lower, rows = _LOWEST, settings.retention_batch_rows
     while True:
         count, picked, reached, xid = (
@@ -202,15 +220,19 @@ async def run_retention(
             await _check_tables(conn, specs)
             if dry_run:
                 for spec in specs:
-                    cutoff = delete_cutoff(spec, now, grace)
-                    quoted = '"' + spec.table.replace('"', '""') + '"'
-                    count = await conn.execute(
-                        text(f"SELECT count(*) FROM {quoted} WHERE bucket < :cutoff"),  # noqa: S608 - quoted spec name
-                        {"cutoff": cutoff},
-                    )
-                    report.rollups.append(
-                        RollupRetention(spec.name, spec.retention_text or "", cutoff, count.scalar_one())
-                    )
+                    for granularity in spec.granularities:
+                        table = spec.table_for(granularity)
+                        cutoff = delete_cutoff(spec, now, grace, granularity)
+                        quoted = '"' + table.replace('"', '""') + '"'
+                        count = await conn.execute(
+                            text(f"SELECT count(*) FROM {quoted} WHERE bucket < :cutoff"),  # noqa: S608 - quoted spec name
+                            {"cutoff": cutoff},
+                        )
+                        report.rollups.append(
+                            RollupRetention(
+                                spec.name, spec.retention_text or "", cutoff, count.scalar_one(), table=table
+                            )
+                        )
                 report.ran = True
                 return report
             if not (await conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": LOCK_ID})).scalar():
@@ -218,8 +240,11 @@ async def run_retention(
                 log.info("retention: another runner holds the lock; nothing done")
                 return report
             try:
-                for spec in specs:
-                    report.rollups.append(await _expire(conn, spec, delete_cutoff(spec, now, grace), settings, stop))
+                for spec, granularity in ((s, g) for s in specs for g in s.granularities):
+                    cutoff = delete_cutoff(spec, now, grace, granularity)
+                    report.rollups.append(
+                        await _expire(conn, spec, spec.table_for(granularity), cutoff, settings, stop)
+                    )
                     if stop is not None and stop.is_set():
                         break
             finally:
@@ -237,7 +262,7 @@ async def run_retention(
     for r in report.rollups:
         log.info(
             "retention: %s (keeps %s): deleted %d rows before %s in %d batches",
-            r.rollup,
+            _named(r),
             r.retention,
             r.deleted,
             r.cutoff.isoformat(),
@@ -282,6 +307,11 @@ async def stop_periodic(task: asyncio.Task[None] | None, stop: asyncio.Event, gr
         await task
 
 
+def _named(r: RollupRetention) -> str:
+    """The rollup's name, and the table's when it is a coarse one (`by_type (agg_by_type__hour)`)."""
+    return r.rollup if not r.table or r.table == f"agg_{r.rollup}" else f"{r.rollup} ({r.table})"
+
+
 def format_report(report: RetentionReport, *, dry_run: bool = False) -> str:
     if not report.ran:
         return "another retention run holds the lock; nothing done"
@@ -289,7 +319,7 @@ def format_report(report: RetentionReport, *, dry_run: bool = False) -> str:
         return "no rollup declares a retention; nothing to delete"
     verb = "would delete" if dry_run else "deleted"
     lines = [
-        f"{r.rollup}: keeps {r.retention}; {verb} {r.deleted} rows with buckets before {r.cutoff.isoformat()}"
+        f"{_named(r)}: keeps {r.retention}; {verb} {r.deleted} rows with buckets before {r.cutoff.isoformat()}"
         + ("" if dry_run else f" in {len(r.batches)} batches")
         for r in report.rollups
     ]

@@ -14,11 +14,11 @@ from schemas.rollups import RollupSpec
 _OP = {"count": "sum", "sum": "sum", "min": "min", "max": "max"}
 
 
-def with_rollups(settings: Settings, tmp: Path, body: str) -> Settings:
-    """`settings` reading the rollups declared in `body`."""
+def with_rollups(settings: Settings, tmp: Path, body: str, **overrides: Any) -> Settings:
+    """Fresh settings reading the rollups declared in `body` (model_copy would keep loaded rollups)."""
     path = tmp / f"rollups-{abs(hash(body))}.toml"
     path.write_text(body)
-    return settings.model_copy(update={"rollups_file": path})
+    return Settings(**{**settings.model_dump(), "rollups_file": path, **overrides})
 
 
 async def rebucketed(conn: asyncpg.Connection, spec: RollupSpec, granularity: str) -> list[tuple[Any, ...]]:

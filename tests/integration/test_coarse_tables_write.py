@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,10 @@ from consumers.batch import prepare
 from consumers.dedup_store import Dedup
 from consumers.flush import Flusher
 from consumers.registry import NotRegistered, StaleRollups, registry_version
+from core.coarse import fill_coarse_tables_at
 from core.db import write_engine
 from core.migrate import migrate, migrate_database
+from core.retention import format_report, run_retention
 from core.settings import Settings
 from schemas.events import EventLimits, normalize_event
 from tests.integration.coarse_support import assert_coarse_exact, with_rollups
@@ -341,3 +344,37 @@ async def test_backfill_writes_the_coarse_tables(settings: Settings, tmp_path: P
         await conn.close()
     spec = next(x for x in s.rollups if x.name == "by_type")
     assert await assert_coarse_exact(s, [spec]) > 0
+
+
+async def test_retention_expires_each_coarse_table_at_its_own_granularity(settings: Settings, tmp_path: Path) -> None:
+    body = COARSE.replace('granularities = ["minute", "hour", "day"]', 'granularities = ["minute", "hour", "day"]\n'
+                          'retention = "2d"')
+    s = with_rollups(settings, tmp_path, body, retention_batch_rows=50, retention_pause_seconds=0.0)
+    await migrate_database(s)
+    now = datetime(2026, 11, 25, 12, 0, 30, tzinfo=UTC)
+    # 2d + 1 h grace before now: 2026-11-23 11:00:30, floored per table.
+    cuts = {"minute": datetime(2026, 11, 23, 11, tzinfo=UTC), "hour": datetime(2026, 11, 23, 11, tzinfo=UTC),
+            "day": datetime(2026, 11, 23, tzinfo=UTC)}
+    minutes = [datetime(2026, 11, 22, 9, tzinfo=UTC) + i * timedelta(minutes=7) for i in range(600)]
+    conn = await asyncpg.connect(str(s.postgres_url))
+    try:
+        await conn.copy_records_to_table("agg_by_type", records=[(b, t, "", 1) for b in minutes for t in "ab"],
+                                         columns=["bucket", "type", "source", "count"])
+        spec = next(x for x in s.rollups if x.name == "by_type")
+        await fill_coarse_tables_at(str(s.postgres_url), [spec])
+        await assert_coarse_exact(s, [spec])
+        before = {g: {tuple(r) for r in await conn.fetch(f"SELECT bucket, type FROM {spec.table_for(g)}")}
+                  for g in spec.granularities}
+
+        dry = await run_retention(s, now=now, dry_run=True)
+        assert [(r.table, r.cutoff) for r in dry.rollups] == [(spec.table_for(g), cuts[g]) for g in cuts]
+        report = await run_retention(s, now=now)
+        assert [(r.table, r.cutoff, r.deleted) for r in report.rollups] == [
+            (spec.table_for(g), cuts[g], sum(1 for b, _ in before[g] if b < cuts[g])) for g in cuts
+        ]
+        for g in cuts:
+            after = {tuple(r) for r in await conn.fetch(f"SELECT bucket, type FROM {spec.table_for(g)}")}
+            assert after == {k for k in before[g] if k[0] >= cuts[g]}
+        assert "by_type (agg_by_type__day): keeps 2d; deleted" in format_report(report)
+    finally:
+        await conn.close()
