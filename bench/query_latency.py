@@ -214,7 +214,14 @@ class Http:
         reader, writer, request = conn
         try:
             writer.write(request)
-            status = int((await reader.readline()).split(b" ", 2)[1])
+            first = await reader.readline()
+            if not first:  # the server closed it while idle (its keep-alive timeout): reconnect once
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", self._port)
+                conn = (reader, writer, request)
+                writer.write(request)
+                first = await reader.readline()
+            status = int(first.split(b" ", 2)[1])
             headers: dict[bytes, bytes] = {}
             while True:
                 line = await reader.readline()

@@ -1,4 +1,4 @@
-"""Redis client factory (the query cache's I/O lives in `query/`)."""
+"""Redis client factory, and the one key consumers and the query cache share (the cache's I/O lives in `query/`)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,9 @@ def redis_client(url: str, *, max_connections: int = 64) -> Redis:
         health_check_interval=10,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+
+
+def version_key(prefix: str, rollup: str) -> str:
+    """The counter a consumer bumps after each commit that changed `rollup` (consumers.versions), and
+    that the query cache compares an open range's entry against (query.cache_policy)."""
+    return f"{prefix}v:{rollup}"

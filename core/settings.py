@@ -147,7 +147,11 @@ class Settings(BaseSettings):
     redis_pool_size: int = Field(64, ge=1, le=10_000)  # connections per Redis client (ingest and query)
     query_max_inflight: int = Field(256, ge=1, le=100_000)  # requests being served per query process
     cache_prefix: str = "tally:"
-    cache_fresh_seconds: float = 5.0
+    cache_fresh_seconds: float = 5.0  # open ranges computed while no consumer has bumped a version
+    # Open ranges follow commits (query.cache_policy): fresh while their rollup's version holds, at
+    # most this long (what a lost bump can cost), and refreshed at most every cache_refresh_seconds.
+    cache_versioned_fresh_seconds: float = Field(60.0, ge=0)
+    cache_refresh_seconds: float = Field(0.25, ge=0)
     cache_stale_seconds: float = 60.0
     cache_closed_fresh_seconds: float = 3_600.0
     cursor_secret: str = DEV_CURSOR_SECRET

@@ -1,5 +1,8 @@
 """Redis stale-while-revalidate cache with single-flight computation (the cache's I/O).
 
+One round trip reads an entry and its rollup's version (an MGET); `query.cache_policy`
+decides from both whether the entry is fresh.
+
 - fresh entry: served as stored bytes (`hit`);
 - stale entry: served at once, refreshed in the background by one worker
   (a Redis `SET NX` lock across processes, a set of keys within one) (`stale`);
@@ -19,19 +22,20 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Literal, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core import metrics
-from query.cache_policy import Entry, lock_key, pack, unpack
+from query.cache_policy import Entry, lock_key, pack, parse_version, unpack
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["hit", "stale", "miss", "coalesced", "bypass"]
 Reason = Literal["miss", "refresh", "bypass"]
-Compute = Callable[[Reason], Awaitable[Entry]]
+Compute = Callable[[Reason], Awaitable[Entry]]  # the entry, its version left for the cache to set
 T = TypeVar("T")
 
 _RELEASE = """
@@ -62,7 +66,8 @@ class QueryCache:
 
     async def _op(self, call: Awaitable[T]) -> T:
         try:
-            return await asyncio.wait_for(call, self._op_timeout)
+            async with asyncio.timeout(self._op_timeout):  # not wait_for: no task per operation
+                return await call
         except (RedisError, OSError, TimeoutError) as exc:
             self._down_until = time.monotonic() + self._breaker_seconds
             raise RedisDown(str(exc)) from exc
@@ -73,6 +78,11 @@ class QueryCache:
     async def _read(self, key: str) -> Entry | None:
         raw = await self._op(self._redis.get(key))
         return unpack(raw) if isinstance(raw, bytes) else None
+
+    async def _read_versioned(self, key: str, version_key: str) -> tuple[Entry | None, int | None]:
+        """The entry under `key` and the current version of its rollup, in one round trip."""
+        raw, version = await self._op(self._redis.mget(key, version_key))
+        return (unpack(raw) if isinstance(raw, bytes) else None), parse_version(version)
 
     async def _store(self, key: str, entry: Entry) -> None:
         with contextlib.suppress(RedisDown):
@@ -90,32 +100,34 @@ class QueryCache:
 
     # -- The protocol ----------------------------------------------------------------------------
 
-    async def fetch(self, key: str, compute: Compute, *, force: bool = False) -> tuple[Entry, Outcome]:
-        """The entry for `key` and how it was obtained. `force` skips reading (Cache-Control: no-cache)."""
+    async def fetch(
+        self, key: str, version_key: str, compute: Compute, *, force: bool = False
+    ) -> tuple[Entry, Outcome]:
+        """The entry for `key` and how it was obtained; `version_key` names its rollup's version.
+        `force` serves nothing stored (Cache-Control: no-cache)."""
         if not self.redis_usable():
-            return await self._single_flight(key, compute, use_redis=False, not_before=0.0)
+            return await self._single_flight(key, compute, None, use_redis=False, not_before=0.0)
         started = time.time()
-        if not force:
-            try:
-                entry = await self._read(key)
-            except RedisDown:
-                return await self._single_flight(key, compute, use_redis=False, not_before=0.0)
-            if entry is not None:
-                freshness = entry.freshness(time.time())
-                if freshness == "fresh":
-                    return entry, "hit"
-                if freshness == "stale":
-                    self._refresh_later(key, compute)
-                    return entry, "stale"
-        return await self._single_flight(key, compute, use_redis=True, not_before=started if force else 0.0)
+        try:
+            entry, version = await self._read_versioned(key, version_key)
+        except RedisDown:
+            return await self._single_flight(key, compute, None, use_redis=False, not_before=0.0)
+        if entry is not None and not force:
+            freshness = entry.freshness(time.time(), version)
+            if freshness == "fresh":
+                return entry, "hit"
+            if freshness == "stale":
+                self._refresh_later(key, compute, version)
+                return entry, "stale"
+        return await self._single_flight(key, compute, version, use_redis=True, not_before=started if force else 0.0)
 
     async def _single_flight(
-        self, key: str, compute: Compute, *, use_redis: bool, not_before: float
+        self, key: str, compute: Compute, version: int | None, *, use_redis: bool, not_before: float
     ) -> tuple[Entry, Outcome]:
         task = self._inflight.get(key)
         joined = task is not None
         if task is None:
-            task = asyncio.create_task(self._compute_once(key, compute, use_redis, not_before))
+            task = asyncio.create_task(self._compute_once(key, compute, version, use_redis, not_before))
             self._inflight[key] = task
             task.add_done_callback(lambda t: self._forget(key, t))
         # shield: a cancelled request must not cancel the computation others are waiting for.
@@ -130,7 +142,9 @@ class QueryCache:
         if not task.cancelled():
             task.exception()  # retrieved here: the waiters re-raise it; do not log it as lost
 
-    async def _compute_once(self, key: str, compute: Compute, use_redis: bool, not_before: float) -> tuple[Entry, bool]:
+    async def _compute_once(
+        self, key: str, compute: Compute, version: int | None, use_redis: bool, not_before: float
+    ) -> tuple[Entry, bool]:
         """(entry, True) if this worker computed it, (entry, False) if another process did."""
         if not use_redis:
             return await compute("bypass"), True
@@ -143,7 +157,9 @@ class QueryCache:
             if theirs is not None:
                 return theirs, False
         try:
-            entry = await compute("miss")
+            # The version read before computing: a commit during the computation moves the
+            # counter past it, so the next reader refreshes rather than trusting this entry.
+            entry = replace(await compute("miss"), version=version)
             await self._store(key, entry)
             return entry, True
         finally:
@@ -165,21 +181,21 @@ class QueryCache:
                     return None  # the holder finished without storing (or failed): compute ourselves
         return None
 
-    def _refresh_later(self, key: str, compute: Compute) -> None:
+    def _refresh_later(self, key: str, compute: Compute, version: int | None) -> None:
         if key in self._refreshing or key in self._inflight:
             return
         self._refreshing.add(key)
-        task = asyncio.create_task(self._refresh(key, compute))
+        task = asyncio.create_task(self._refresh(key, compute, version))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _refresh(self, key: str, compute: Compute) -> None:
+    async def _refresh(self, key: str, compute: Compute, version: int | None) -> None:
         try:
             token = await self._lock(key)
             if token is None:
                 return  # another worker is refreshing this key
             try:
-                entry = await compute("refresh")
+                entry = replace(await compute("refresh"), version=version)
                 await self._store(key, entry)
                 metrics.cache_refreshes.inc()
             finally:

@@ -1,8 +1,15 @@
 """What the query cache stores, under which key, and for how long. Pure.
 
 A range that ends before `now - lateness` can no longer change (late events are
-refused at ingest), so its answer is immutable and cached long. An open range is
-fresh briefly, then served stale while one worker refreshes it.
+refused at ingest), so its answer is immutable and cached long. An open range
+follows commits: consumers bump a per-rollup version in Redis after each commit
+(`version_key`), an entry remembers the version it was computed at, and it stays
+fresh until that version moves; then it is served stale while one worker refreshes
+it. Two bounds keep this safe and cheap: an entry is refreshed at most every
+`refresh` seconds while commits keep coming, and never served fresh for longer than
+`versioned` seconds (a lost bump costs that much staleness, no more). An entry
+computed while no version was known (no consumer has bumped one) is fresh for
+`fresh` seconds, as on a timer.
 
 A stored entry is `orjson(header) + b"\\n" + body`, so a hit returns the body
 bytes as they were rendered, without parsing or re-serializing them.
@@ -22,29 +29,50 @@ Freshness = Literal["fresh", "stale", "expired"]
 
 @dataclass(frozen=True, slots=True)
 class Ttl:
+    """How long an entry is fresh, then stale. `versioned` and `refresh` apply to open ranges
+    computed at a known version (see the module docstring); a closed range has `stale == 0`."""
+
     fresh: float
     stale: float
+    versioned: float = 0.0
+    refresh: float = 0.0
 
     @property
     def expire_ms(self) -> int:
-        return max(1, int((self.fresh + self.stale) * 1000))
+        return max(1, int((max(self.fresh, self.versioned) + self.stale) * 1000))
 
 
 def ttl_for(
-    end: datetime, now: datetime, *, lateness_seconds: float, fresh: float, stale: float, closed_fresh: float
+    end: datetime,
+    now: datetime,
+    *,
+    lateness_seconds: float,
+    fresh: float,
+    stale: float,
+    closed_fresh: float,
+    versioned: float = 0.0,
+    refresh: float = 0.0,
 ) -> Ttl:
-    """Immutable (closed) ranges: long fresh, no stale phase. Open ranges: short fresh + stale."""
+    """Immutable (closed) ranges: long fresh, no stale phase. Open ranges: fresh while their
+    rollup's version holds (or briefly, without one), then stale."""
     if end <= now - timedelta(seconds=lateness_seconds):
         return Ttl(fresh=closed_fresh, stale=0.0)
-    return Ttl(fresh=fresh, stale=stale)
+    return Ttl(fresh=fresh, stale=stale, versioned=versioned, refresh=refresh)
 
 
 # Bump when the rendered bytes change shape, so a rolling deploy never serves old-format bodies.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def cache_key(prefix: str, identity: bytes) -> str:
     return f"{prefix}q{FORMAT_VERSION}:{hashlib.sha256(identity).hexdigest()[:40]}"
+
+
+def parse_version(raw: object) -> int | None:
+    """A stored counter (Redis answers bytes), or None when absent or unreadable."""
+    if isinstance(raw, bytes) and raw.isdigit():
+        return int(raw)
+    return None
 
 
 def lock_key(key: str) -> str:
@@ -64,15 +92,24 @@ class Entry:
     ttl: Ttl
     query_ms: float = 0.0  # Postgres time when it was computed
     total: int | None = None  # `total=true`
+    version: int | None = None  # its rollup's version when the computation started; None: unknown
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.computed_at)
 
-    def freshness(self, now: float) -> Freshness:
+    def freshness(self, now: float, version: int | None = None) -> Freshness:
+        """Fresh, stale or expired at `now`, when the rollup's current version is `version`."""
         age = self.age(now)
-        if age < self.ttl.fresh:
+        ttl = self.ttl
+        if self.version is None or ttl.versioned <= 0:  # closed, or no version known: a timer
+            fresh = ttl.fresh
+        elif version == self.version:
+            fresh = ttl.versioned
+        else:  # a commit changed the rollup since: refreshed, but not more often than `refresh`
+            fresh = min(ttl.refresh, ttl.versioned)
+        if age < fresh:
             return "fresh"
-        if age < self.ttl.fresh + self.ttl.stale:
+        if age < max(ttl.fresh, ttl.versioned) + ttl.stale:
             return "stale"
         return "expired"
 
@@ -88,6 +125,9 @@ def pack(entry: Entry) -> bytes:
         "stale": entry.ttl.stale,
         "ms": entry.query_ms,
         "total": entry.total,
+        "ver": entry.ttl.versioned,
+        "ref": entry.ttl.refresh,
+        "v": entry.version,
     }
     return orjson.dumps(header) + b"\n" + entry.body
 
@@ -106,9 +146,10 @@ def unpack(raw: bytes) -> Entry | None:
             computed_at=float(h["t"]),
             next_cursor=h["nc"],
             rows=int(h["rows"]),
-            ttl=Ttl(float(h["fresh"]), float(h["stale"])),
+            ttl=Ttl(float(h["fresh"]), float(h["stale"]), float(h["ver"]), float(h["ref"])),
             query_ms=float(h["ms"]),
             total=None if h["total"] is None else int(h["total"]),
+            version=None if h["v"] is None else int(h["v"]),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None

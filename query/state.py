@@ -14,6 +14,7 @@ from query.cache import QueryCache
 from query.catalog import Catalog
 from query.counters import CounterScraper
 from query.export import ExportGate
+from query.keys import Resolver
 from query.lag import LagProbe
 from query.lag_sampler import LagSampler
 from query.params import Limits
@@ -26,6 +27,7 @@ class QueryState(TypedDict):
     cache: QueryCache
     catalog: Catalog
     limits: Limits
+    resolver: Resolver
     exports: ExportGate
     lag: LagProbe
     lag_sampler: LagSampler

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from core.cache import version_key
 from query.cache_policy import (
     Entry,
     Ttl,
@@ -13,6 +14,7 @@ from query.cache_policy import (
     forces_refresh,
     lock_key,
     pack,
+    parse_version,
     ttl_for,
     unpack,
 )
@@ -47,11 +49,35 @@ def test_freshness_phases() -> None:
     assert entry.age(999.0) == 0.0  # clock skew never gives a negative Age
 
 
+def test_open_ranges_follow_their_rollups_version() -> None:
+    """Fresh while the version it was computed at holds (up to `versioned`); once a commit moved
+    it, fresh only until `refresh` old, then stale (served, refreshed once)."""
+    open_ttl = ttl_for(NOW, NOW, lateness_seconds=LATENESS, fresh=5, stale=60, closed_fresh=3_600, versioned=60,
+                       refresh=0.25)
+    assert open_ttl == Ttl(fresh=5, stale=60, versioned=60, refresh=0.25)
+    assert open_ttl.expire_ms == 120_000
+    entry = Entry(b"{}", "application/json", etag_for(b"{}"), 1_000.0, None, 0, open_ttl, version=7)
+    assert entry.freshness(1_030.0, 7) == "fresh"  # no commit since: fresh well past the 5 s timer
+    assert entry.freshness(1_060.0, 7) == "stale"  # the bound on a lost bump
+    assert entry.freshness(1_000.2, 8) == "fresh"  # a commit, but refreshed at most every 0.25 s
+    assert entry.freshness(1_000.25, 8) == "stale"
+    assert entry.freshness(1_000.25, None) == "stale"  # the counter is gone (Redis flushed): not trusted
+    assert entry.freshness(1_120.0, 8) == "expired"
+    unversioned = Entry(b"{}", "application/json", etag_for(b"{}"), 1_000.0, None, 0, open_ttl, version=None)
+    assert unversioned.freshness(1_004.9, 8) == "fresh"  # computed before any bump: the timer
+    assert unversioned.freshness(1_005.0, 8) == "stale"
+    closed_ttl = ttl(NOW - timedelta(days=8))
+    closed = Entry(b"{}", "application/json", etag_for(b"{}"), 1_000.0, None, 0, closed_ttl, version=7)
+    assert closed.freshness(3_000.0, 9) == "fresh"  # a closed range cannot change: versions do not matter
+
+
 def test_pack_unpack_keeps_body_bytes() -> None:
     body = b'{"data":[{"n":1.50}]}\n\xff'
     entry = Entry(body, "application/json", etag_for(body), 1_234.5, "cur", 1, Ttl(5, 60), query_ms=2.5, total=7)
     assert unpack(pack(entry)) == entry
     untotalled = Entry(body, "text/csv", etag_for(body), 1.0, None, 0, Ttl(5, 0))
+    versioned = Entry(body, "application/json", etag_for(body), 1.0, None, 0, Ttl(5, 60, 60, 0.25), version=3)
+    assert unpack(pack(versioned)) == versioned
     assert unpack(pack(untotalled)) == untotalled
     assert unpack(b"garbage") is None
     assert unpack(b'{"ct":1}\nbody') is None
@@ -59,9 +85,13 @@ def test_pack_unpack_keeps_body_bytes() -> None:
 
 def test_keys() -> None:
     key = cache_key("tally:", b"[1]")
-    assert key.startswith("tally:q2:") and len(key) == len("tally:q2:") + 40
+    assert key.startswith("tally:q3:") and len(key) == len("tally:q3:") + 40
     assert cache_key("tally:", b"[2]") != key
     assert lock_key(key) == key + ":lock"
+    assert version_key("tally:", "events_by_type") == "tally:v:events_by_type"
+    assert parse_version(b"17") == 17
+    assert parse_version(None) is None
+    assert parse_version(b"x") is None
 
 
 def test_etag_matching() -> None:
