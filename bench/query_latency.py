@@ -359,7 +359,9 @@ async def measure(
     # (e) the same with Postgres's default plan cache (generic plans allowed).
     rollup = Catalog(settings.rollups).get(ROLLUP)
     limits = Limits(default_limit=settings.default_limit, max_limit=settings.max_limit, max_offset=settings.max_offset)
-    stmt = plan(rollup.spec, rollup.table, parse_query(rollup.spec, items, limits, datetime.now(UTC)))
+    q = parse_query(rollup.spec, items, limits, datetime.now(UTC))
+    source = rollup.source(q)  # the table the service reads (the hour table, where the rollup keeps one)
+    stmt = plan(rollup.spec, source.table, q, stored=source.granularity)
     service_like = read_engine(
         str(settings.postgres_url), pool_size=settings.db_pool_size, statement_timeout_ms=settings.statement_timeout_ms
     )

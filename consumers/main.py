@@ -24,7 +24,9 @@ from consumers.ops import Health, OpsServer, build_app
 from consumers.registry import NotRegistered, StaleRollups, registry_version
 from consumers.retry import FIRST_DELAY, MAX_DELAY, Stopped, kafka_transient, postgres_transient, retrying, wait_or_stop
 from consumers.runner import Listener, Runner
+from consumers.versions import VersionBumper
 from core import kafka, logs, retention
+from core.cache import redis_client
 from core.db import write_engine
 from core.looplag import LoopLagMonitor
 from core.settings import Settings, get_settings
@@ -70,13 +72,18 @@ async def wait_for_tables(engine: AsyncEngine, plans: Sequence[RollupPlan], stop
 
 
 async def start_consumer(
-    settings: Settings, engine: AsyncEngine, dlq: DeadLetterSink, plans: Sequence[RollupPlan], stop: asyncio.Event
+    settings: Settings,
+    engine: AsyncEngine,
+    dlq: DeadLetterSink,
+    plans: Sequence[RollupPlan],
+    stop: asyncio.Event,
+    versions: VersionBumper | None = None,
 ) -> Runner:
     """Join the group (retrying until Kafka answers), with offsets taken from Postgres on assignment."""
 
     async def attempt() -> Runner:
         consumer = kafka.consumer(settings, group_id=settings.consumer_group)
-        runner = Runner(settings, consumer, engine, dlq, plans, stop)
+        runner = Runner(settings, consumer, engine, dlq, plans, stop, versions)
         consumer.subscribe([settings.topic], listener=Listener(runner))
         try:
             await asyncio.wait_for(consumer.start(), START_TIMEOUT)
@@ -127,6 +134,12 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     ops = OpsServer(app, settings.bind_host, settings.consumer_metrics_port)
     dlq = DeadLetterSink(settings)
     runner: Runner | None = None
+    # With Redis configured, commits move the query cache's rollup versions (fresh dashboards).
+    versions = (
+        VersionBumper(redis_client(str(settings.redis_url), max_connections=2), settings.cache_prefix)
+        if settings.redis_url
+        else None
+    )
     expiry: asyncio.Task[None] | None = None  # deletes buckets past their retention, now and then
     loop_lag = LoopLagMonitor("consumer")
     with _stop_on_signals(stop) if own_signals else contextlib.nullcontext():
@@ -136,7 +149,7 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             version = await wait_for_tables(engine, plans, stop)
             expiry = retention.start_periodic(settings, stop)
             await dlq.start(stop=stop)
-            runner = await start_consumer(settings, engine, dlq, plans, stop)
+            runner = await start_consumer(settings, engine, dlq, plans, stop, versions)
             runner.flusher.version = version
             health.consumer = runner.consumer
             # What is alive now (modules, clients, pools) lives as long as the process: out of the
@@ -160,6 +173,8 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             if runner is not None:
                 await runner.close()
                 await runner.consumer.stop()
+            if versions is not None:
+                await versions.close()
             await dlq.stop()
             await ops.stop()
             await engine.dispose()

@@ -49,6 +49,7 @@ from consumers.flush import Flusher
 from consumers.offsets import load_offsets
 from consumers.registry import NotRegistered, StaleRollups, registry_version
 from consumers.retry import postgres_transient, retrying
+from consumers.versions import VersionBumper
 from core import metrics
 from core.settings import Settings
 from schemas.envelope import REQUEST_ID_HEADER
@@ -72,6 +73,7 @@ class Runner:
         dlq: DeadLetterSink,
         plans: Sequence[RollupPlan],
         stop: asyncio.Event,
+        versions: VersionBumper | None = None,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
@@ -81,6 +83,7 @@ class Runner:
         dedup = Dedup(engine, settings.dedup_window_hours) if settings.dedup else None
         self.flusher = Flusher(engine, settings.consumer_group, self.plans, dedup=dedup)
         self.stop = stop
+        self.versions = versions  # moves the query cache's rollup versions after each commit
         self.expected: dict[TP, int] = {}  # stored next offsets, as of the last committed batch
         self.pending: PreparedBatch | None = None  # being prepared from polls, not yet flushing
         self.flying: PreparedBatch | None = None  # the batch `inflight` is flushing
@@ -263,6 +266,8 @@ class Runner:
             return
         for adv in batch.advances:
             self.expected[(adv.topic, adv.partition)] = adv.new
+        if self.versions is not None:
+            self.versions.committed(name for name, cells in batch.aggregates.items() if cells)
         metrics.consumer_events_applied.inc(batch.events - batch.duplicates)
         metrics.consumer_batch_records.observe(batch.events)
         if log.isEnabledFor(logging.DEBUG):

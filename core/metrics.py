@@ -91,6 +91,12 @@ dlq_records = Counter("tally_dlq_records_total", "Records or events sent to the 
 # Query
 cache_outcomes = Counter("tally_query_cache_total", "Cache outcomes", ["outcome"])
 cache_refreshes = Counter("tally_query_cache_refreshes_total", "Background stale refreshes")
+version_bumps = Counter(
+    "tally_consumer_version_bumps_total", "Rollup versions moved in Redis after a commit (query cache freshness)"
+)
+version_bump_failures = Counter(
+    "tally_consumer_version_bump_failures_total", "Commits whose rollup versions could not be moved in Redis"
+)
 query_seconds = Histogram(
     "tally_query_seconds", "Query latency by rollup and cache outcome", ["rollup", "outcome"], buckets=_LATENCY
 )
