@@ -19,6 +19,7 @@ from core.health import postgres_ok, redis_ok
 from core.http import HeaderLimit, InflightLimit, MetricsMiddleware, drain_on_sigterm, ops_router
 from core.looplag import LoopLagMonitor
 from core.problems import install_problem_handlers
+from core.redis_read import RedisReader
 from core.settings import Settings, get_settings
 from query.cache import QueryCache
 from query.catalog import Catalog
@@ -72,7 +73,8 @@ def create_app(settings: Settings) -> FastAPI:
         counters = CounterScraper(settings.metrics_target_urls)
         keys = open_key_store(settings, app="tally-query")  # its own small pool: auth never waits on queries
         # A lock outlives the slowest query, so a crashed holder delays others by at most that.
-        cache = QueryCache(redis, lock_ttl_ms=settings.statement_timeout_ms + 2_000)
+        reader = RedisReader.from_url(str(settings.redis_url))
+        cache = QueryCache(redis, lock_ttl_ms=settings.statement_timeout_ms + 2_000, reader=reader)
         drain_on_sigterm(app, settings.drain_seconds)
         loop_lag = LoopLagMonitor("query")
         loop_lag.start()
@@ -101,6 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await lag.close()
                 await counters.close()
             finally:
+                await reader.close()
                 await redis.aclose()
                 await engine.dispose()
                 if keys is not None:

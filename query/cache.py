@@ -23,12 +23,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core import metrics
+from core.redis_read import RedisReader
 from query.cache_policy import Entry, lock_key, pack, parse_version, unpack
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,16 @@ class RedisDown(Exception):
 
 class QueryCache:
     def __init__(
-        self, redis: Redis, *, lock_ttl_ms: int, op_timeout: float = 1.0, breaker_seconds: float = 2.0
+        self,
+        redis: Redis,
+        *,
+        lock_ttl_ms: int,
+        op_timeout: float = 1.0,
+        breaker_seconds: float = 2.0,
+        reader: RedisReader | None = None,
     ) -> None:
         self._redis = redis
+        self._reader = reader  # the hit's one read, pipelined (core.redis_read); redis-py without it
         self._lock_ttl_ms = lock_ttl_ms
         self._op_timeout = op_timeout
         self._breaker_seconds = breaker_seconds
@@ -81,7 +89,10 @@ class QueryCache:
 
     async def _read_versioned(self, key: str, version_key: str) -> tuple[Entry | None, int | None]:
         """The entry under `key` and the current version of its rollup, in one round trip."""
-        raw, version = await self._op(self._redis.mget(key, version_key))
+        read: Awaitable[list[Any]] = (
+            self._redis.mget(key, version_key) if self._reader is None else self._reader.mget(key, version_key)
+        )
+        raw, version = await self._op(read)
         return (unpack(raw) if isinstance(raw, bytes) else None), parse_version(version)
 
     async def _store(self, key: str, entry: Entry) -> None:
