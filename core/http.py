@@ -10,11 +10,13 @@ a generic 500 problem (the traceback goes to the log, under the request id).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
+import secrets
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from types import FrameType
 
@@ -74,6 +76,8 @@ class MetricsMiddleware:
         # (path, path + "/", headers), built once: this runs on every request.
         self._pages = tuple((path, path + "/", headers) for path, headers in (*DOCS_PAGES, *pages))
         self._in_progress = metrics.http_in_progress.labels(service)
+        self._requests = metrics.Children(metrics.http_requests)  # route templates: a bounded set
+        self._latency = metrics.Children(metrics.http_latency)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,8 +121,8 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             method = scope["method"] if scope["method"] in METHODS else "other"
-            metrics.http_requests.labels(self.service, template, method, str(status)).inc()
-            metrics.http_latency.labels(self.service, template).observe(time.perf_counter() - start)
+            self._requests(self.service, template, method, str(status)).inc()
+            self._latency(self.service, template).observe(time.perf_counter() - start)
 
     def _security_headers(self, path: str) -> Headers:
         for page, below, headers in self._pages:
@@ -193,11 +197,30 @@ class InflightLimit:
             self.serving -= 1
 
 
+class _RequestIds:
+    """Unique request ids without a syscall each (uuid4 reads the kernel's random source every
+    time): 16 random hex digits per process, then a counter. A forked worker draws its own."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count()
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_ids = _RequestIds()
+
+
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == REQUEST_ID_HEADER and 0 < len(value) <= 128:
             return str(value.decode("latin-1"))
-    return uuid.uuid4().hex
+    return _ids.new()
 
 
 def ops_router(readiness: ReadinessCheck, *, gating: frozenset[str] | None = None) -> APIRouter:

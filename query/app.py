@@ -127,7 +127,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router, dependencies=[Depends(require_scope("query"))], responses=auth_responses("query"))
     # The dashboards' hot route is a plain ASGI app (authenticating for the `query` scope itself);
     # OpenAPI describes it from query.openapi.
-    app.router.routes.append(Route(PATH, GetRollup(), methods=["GET"], name="query_rollup"))
+    # First in the list: the router tries routes in order, and this one serves most requests.
+    app.router.routes.insert(0, Route(PATH, GetRollup(), methods=["GET"], name="query_rollup"))
     described = documented_routes()
 
     def openapi() -> dict[str, Any]:

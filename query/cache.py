@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -72,8 +72,11 @@ class QueryCache:
 
     # -- Redis operations, each bounded and turned into RedisDown on failure ------------------
 
-    async def _op(self, call: Awaitable[T]) -> T:
+    async def _op(self, call: Awaitable[T], *, bounded: bool = False) -> T:
+        """`call`'s result; RedisDown if it fails or takes over op_timeout (unless `bounded` already)."""
         try:
+            if bounded:
+                return await call
             async with asyncio.timeout(self._op_timeout):  # not wait_for: no task per operation
                 return await call
         except (RedisError, OSError, TimeoutError) as exc:
@@ -89,10 +92,10 @@ class QueryCache:
 
     async def _read_versioned(self, key: str, version_key: str) -> tuple[Entry | None, int | None]:
         """The entry under `key` and the current version of its rollup, in one round trip."""
-        read: Awaitable[list[Any]] = (
-            self._redis.mget(key, version_key) if self._reader is None else self._reader.mget(key, version_key)
-        )
-        raw, version = await self._op(read)
+        if self._reader is None:
+            raw, version = await self._op(self._redis.mget(key, version_key))
+        else:  # the reader bounds its own wait (and aborts the connection when it expires)
+            raw, version = await self._op(self._reader.mget(key, version_key), bounded=True)
         return (unpack(raw) if isinstance(raw, bytes) else None), parse_version(version)
 
     async def _store(self, key: str, entry: Entry) -> None:

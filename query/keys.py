@@ -8,6 +8,12 @@ string is the clock, and it reaches the result through one value: the range that
 range is unchanged and recomputed (revalidated) once it moves, so it is always exactly
 what `parse_query` would return now (tests/unit/test_query_keys.py checks this against
 `parse_query` itself).
+
+Checking the range is itself a few floor/ceil computations, so within one second it is
+skipped: relative times are whole seconds, and every bucket boundary (minutes, hours, local
+midnights: zone offsets are whole seconds) falls on a whole second, so an aligned range
+cannot change strictly between two whole seconds. Only the instant of a whole second
+itself, where a ceiling may move, is checked again.
 """
 
 from __future__ import annotations
@@ -47,15 +53,21 @@ class Resolver:
         self._prefix = prefix
         self._secret = secret
         self._remember = remember
-        # (name, query string) -> (the query as parsed at some `now`, what it resolved to)
-        self._known: dict[tuple[str, str], tuple[RollupQuery, Resolved]] = {}
+        # (name, query string) -> (the query as parsed at some `now`, what it resolved to, and the
+        # whole second strictly inside which that `now` fell, or None)
+        self._known: dict[tuple[str, str], tuple[RollupQuery, Resolved, int | None]] = {}
 
     def resolve(self, name: str, query_string: str, now: datetime) -> Resolved:
         """What `name?query_string` asks for at `now`; BadRequest or NotFound naming what is wrong."""
         known = self._known.get((name, query_string))
+        stamp = now.timestamp()
+        second = int(stamp) if stamp != int(stamp) else None  # None exactly on a whole second
         if known is not None:
-            parsed, resolved = known
+            parsed, resolved, checked = known
+            if second is not None and second == checked:
+                return resolved
             if align(parsed.from_expr, parsed.to_expr, parsed.granularity, now, parsed.tzinfo) == parsed.range:
+                self._known[(name, query_string)] = (parsed, resolved, second)
                 return resolved
         rollup = self._catalog.get(name)
         parsed = parse_query(rollup.spec, parse_qsl(query_string, keep_blank_values=True), self._limits, now)
@@ -67,5 +79,5 @@ class Resolver:
         resolved = Resolved(rollup, q, after, key, version_key(self._prefix, q.rollup))
         if len(self._known) >= self._remember:
             del self._known[next(iter(self._known))]
-        self._known[(name, query_string)] = (parsed, resolved)
+        self._known[(name, query_string)] = (parsed, resolved, second)
         return resolved
