@@ -354,6 +354,18 @@ def _floors(granularity: str) -> Any:
     raise ValueError(f"{granularity!r} is not a coarse stored granularity")
 
 
+def _merged(op: int, column: Sequence[Value]) -> Value:
+    """One measure over the rows merged into a coarse row: `_combine` folded, in C loops where it can be."""
+    if op == _COUNT:
+        return sum(column)  # type: ignore[arg-type]
+    present = [v for v in column if v is not None]
+    if not present:
+        return None
+    if op == _SUM:
+        return reduce(EXACT.add, present)
+    return min(present) if op == _MIN else max(present)
+
+
 def coarse_cells(plan: RollupPlan, granularity: str, cells: Cells) -> Cells:
     """The cells of the rollup's `granularity` table that a batch's base `cells` add up to.
 
@@ -361,25 +373,29 @@ def coarse_cells(plan: RollupPlan, granularity: str, cells: Cells) -> Cells:
     sum add, min/max keep the extreme, None is the identity), so the coarse table
     stays the re-bucketing of the base table at every commit. Per row, not per event:
     a batch has far fewer rows than events, and fewer buckets still (each floored once).
+    The rows are grouped first and each measure is then folded over a group's column.
     """
     floor = _floors(granularity)
     floored: dict[datetime, datetime] = {}
-    out: Cells = {}
-    ops = [op for op, _ in plan.ops]
-    counts_only = all(op == _COUNT for op in ops)
+    groups: dict[Key, list[list[Value]]] = {}
     for key, values in cells.items():
         bucket = key[0]
         coarse = floored.get(bucket)
         if coarse is None:
             coarse = floored[bucket] = floor(bucket)
         row = (coarse, *key[1:])
-        mine = out.get(row)
-        if mine is None:
-            out[row] = list(values)
-        elif counts_only:
-            out[row] = [old + new for old, new in zip(mine, values, strict=True)]  # type: ignore[operator]
+        members = groups.get(row)
+        if members is None:
+            groups[row] = [values]
         else:
-            out[row] = [_combine(op, old, new) for op, old, new in zip(ops, mine, values, strict=True)]
+            members.append(values)
+    ops = [op for op, _ in plan.ops]
+    out: Cells = {}
+    for row, members in groups.items():
+        if len(members) == 1:
+            out[row] = list(members[0])
+        else:
+            out[row] = [_merged(op, column) for op, column in zip(ops, zip(*members, strict=True), strict=True)]
     return out
 
 
