@@ -16,6 +16,7 @@ import httpx
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
+from core.coarse import fill_statements
 from core.settings import Settings
 from query.app import create_app
 from query.state import QueryState
@@ -52,6 +53,8 @@ def make_rows(seed: int = 11, n: int = 240) -> list[Row]:
 
 
 async def insert_rows(settings: Settings, rows: Iterable[Row]) -> None:
+    """Store `rows` in agg_events_by_type, then rebuild its coarse tables (if the rollups file declares
+    any) from it, as `tally migrate` would: the planner reads those for hour and day queries."""
     conn = await asyncpg.connect(str(settings.postgres_url))
     try:
         await conn.executemany(
@@ -59,8 +62,18 @@ async def insert_rows(settings: Settings, rows: Iterable[Row]) -> None:
             " min_properties_amount, max_properties_amount) VALUES ($1, $2, $3, $4, $5, $6, $7)",
             [tuple(r[c] for c in ALL_FIELDS) for r in rows],
         )
+        await fill_coarse(conn, settings, "events_by_type")
     finally:
         await conn.close()
+
+
+async def fill_coarse(conn: asyncpg.Connection, settings: Settings, rollup: str) -> None:
+    """Rebuild `rollup`'s coarse tables from its base table (core.coarse), for tests that seed the base table."""
+    for spec in settings.rollups:
+        if spec.name == rollup:
+            async with conn.transaction():
+                for statement in fill_statements(spec):
+                    await conn.execute(statement)
 
 
 def trunc(dt: datetime, granularity: str) -> datetime:

@@ -23,7 +23,9 @@ async def test_migrate_creates_tables_indexes_and_topics(settings: Settings) -> 
     try:
         tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
         assert tables == {"tally_offsets", "tally_api_keys", "tally_rollups", "tally_meta", "tally_rollup_starts",
-                          "tally_seen_events", "agg_events_by_type", "agg_page_views"}
+                          "tally_seen_events", "agg_events_by_type", "agg_page_views",
+                          "agg_events_by_type__hour", "agg_events_by_type__day",
+                          "agg_page_views__hour", "agg_page_views__day"}
         key_cols = {
             r["column_name"]: (r["data_type"], r["is_nullable"])
             for r in await conn.fetch(

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from core.settings import Settings
 from query.app import create_app
 from tests.conftest import serve
-from tests.integration.query_support import ALL_FIELDS, DIMS, MEASURES, OP, Row, exact, sort_rows
+from tests.integration.query_support import ALL_FIELDS, DIMS, MEASURES, OP, Row, exact, fill_coarse, sort_rows
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ class ThreadApi:
     """The query API under uvicorn plus a client and a Postgres connection, on their own loop."""
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
+        self._settings = self.settings = settings
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -179,6 +179,7 @@ async def replace_rows(api: ThreadApi, rows: list[Row]) -> None:
         "INSERT INTO agg_events_by_type (bucket, type, source, count, sum_properties_amount,"
         " min_properties_amount, max_properties_amount) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         [tuple(r[c] for c in ALL_FIELDS) for r in rows])
+    await fill_coarse(api.pg, api.settings, "events_by_type")  # the hour and day tables the planner reads
 
 
 async def walk_all(api: ThreadApi, q: dict[str, Any]) -> tuple[list[Row], list[dict[str, Any]]]:

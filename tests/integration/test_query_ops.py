@@ -10,7 +10,7 @@ import pytest
 
 from core.kafka import producer
 from core.settings import Settings
-from tests.integration.query_support import query_api
+from tests.integration.query_support import fill_coarse, query_api
 
 pytestmark = pytest.mark.integration
 
@@ -137,9 +137,12 @@ async def test_statement_timeout_is_a_503(migrated: Settings) -> None:
     try:
         await conn.execute(
             "INSERT INTO agg_events_by_type (bucket, type, source, count) "
-            "SELECT timestamptz '2026-01-01' + make_interval(mins => i), 't' || (i % 50), 's' || (i % 7), 1 "
+            "SELECT timestamptz '2026-01-01' + make_interval(mins => i), 't' || (i % 997), 's' || (i % 7), 1 "
             "FROM generate_series(0, 299999) AS i"
         )
+        # Coarse tables as the consumer keeps them; with 997 x 7 keys each day table row is one minute's,
+        # so the month query aggregates 300k rows whichever table it reads.
+        await fill_coarse(conn, migrated, "events_by_type")
     finally:
         await conn.close()
     # 10 ms: far below the 300k-row aggregation, far above the driver's own connection set-up queries.

@@ -19,7 +19,7 @@ import pytest
 
 from core.settings import Settings
 from query.render import neutralize
-from tests.integration.query_support import query_api
+from tests.integration.query_support import fill_coarse, query_api
 
 ROLLUP = "/v1/rollups/events_by_type"
 WHOLE = {"from": "2026-03-01T00:00:00Z", "to": "2026-05-01T00:00:00Z"}
@@ -62,6 +62,7 @@ async def test_both_csv_paths_neutralize_stored_formulas(migrated: Settings) -> 
         await conn.executemany(
             "INSERT INTO agg_events_by_type (bucket, type, source, count, sum_properties_amount) "
             "VALUES ($1, $2, $3, $4, $5)", stored)
+        await fill_coarse(conn, migrated, "events_by_type")  # the coarse tables a total query may read
     finally:
         await conn.close()
     expected = sorted(
