@@ -8,6 +8,9 @@ the stored offsets. Only then are the rollup rows upserted, so the counts and
 the offsets always move together: the exactly-once effect of DESIGN §5.
 With TALLY_DEDUP the batch's event ids are claimed in the same transaction, between
 the two (consumers.dedup_store), so the claims move with them too.
+A rollup's coarse tables (`granularities`) are upserted in the same transaction,
+from cells derived from the base cells (consumers.aggregate.table_cells) after any
+claim, so every table of every rollup moves with the offsets.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""SQL text for the flush, built once per rollup spec. Pure.
+"""SQL text for the flush, built once per rollup table. Pure.
 
-One `INSERT ... SELECT FROM unnest(arrays) ON CONFLICT DO UPDATE` per rollup and
-batch: one round trip whatever the number of rows; from COPY_MIN_ROWS rows, COPY into
-a temporary staging table and one `INSERT ... SELECT` from it, which is faster for
-many rows. Identifiers come only from validated spec names (the spec parser restricts
-them) and are quoted anyway. Rows are merged in key order so that concurrent
-consumers lock rows in the same order and do not deadlock each other.
+One `INSERT ... SELECT FROM unnest(arrays) ON CONFLICT DO UPDATE` per rollup table
+(its base table and each coarse one) and batch: one round trip whatever the number
+of rows; from COPY_MIN_ROWS rows, COPY into a temporary staging table (one per table)
+and one `INSERT ... SELECT` from it, which is faster for many rows. Identifiers come
+only from validated spec names (the spec parser restricts them) and are quoted
+anyway. Rows are merged in key order, and tables written in one order (`upserts`),
+so that concurrent consumers lock rows in the same order and do not deadlock each other.
 """
 
 from __future__ import annotations
