@@ -16,8 +16,8 @@ from core.auth import auth_responses, open_key_store, require_scope
 from core.cache import redis_client
 from core.db import read_engine
 from core.health import postgres_ok, redis_ok
-from core.http import HeaderLimit, InflightLimit, MetricsMiddleware, drain_on_sigterm, ops_router
-from core.looplag import LoopLagMonitor
+from core.http import HeaderLimit, HotRoute, InflightLimit, MetricsMiddleware, drain_on_sigterm, ops_router
+from core.looplag import LoopLagMonitor, settle_heap
 from core.problems import install_problem_handlers
 from core.redis_read import RedisReader
 from core.settings import Settings, get_settings
@@ -81,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             await lag.start()
             sampler.start()
+            settle_heap()  # the collector's full passes, rare and over what requests made only
             yield QueryState(
                 settings=settings,
                 engine=engine,
@@ -120,6 +121,9 @@ def create_app(settings: Settings) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_problem_handlers(app)
+    # The dashboards' hot route, straight to its endpoint (innermost: the limits below wrap it).
+    endpoint = GetRollup()
+    app.add_middleware(HotRoute, path=PATH, methods=frozenset({"GET", "HEAD"}), endpoint=endpoint)
     app.add_middleware(InflightLimit, service="query", limit=settings.query_max_inflight)
     app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)  # inside metrics: 431s are counted
     app.add_middleware(MetricsMiddleware, service="query", pages=CONSOLE_PAGES)
@@ -127,8 +131,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router, dependencies=[Depends(require_scope("query"))], responses=auth_responses("query"))
     # The dashboards' hot route is a plain ASGI app (authenticating for the `query` scope itself);
     # OpenAPI describes it from query.openapi.
-    # First in the list: the router tries routes in order, and this one serves most requests.
-    app.router.routes.insert(0, Route(PATH, GetRollup(), methods=["GET"], name="query_rollup"))
+    # Mounted too, behind HotRoute: for the 405 of other methods and the route list OpenAPI reads.
+    app.router.routes.insert(0, Route(PATH, endpoint, methods=["GET"], name="query_rollup"))
     described = documented_routes()
 
     def openapi() -> dict[str, Any]:
