@@ -59,7 +59,13 @@ async def _registered(conn: AsyncConnection) -> dict[str, RegisteredRollup]:
     if (await conn.execute(text("SELECT to_regclass('tally_rollups')"))).scalar() is None:
         return {}
     # A registry made before coarse tables: its rollups store their base granularity only (NULL).
-    await conn.execute(text("ALTER TABLE tally_rollups ADD COLUMN IF NOT EXISTS granularities text"))
+    # Altered only when missing: ALTER TABLE holds an exclusive lock until the migration commits.
+    has = text(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
+        "WHERE table_name = 'tally_rollups' AND column_name = 'granularities' AND table_schema = current_schema())"
+    )
+    if not (await conn.execute(has)).scalar():
+        await conn.execute(text("ALTER TABLE tally_rollups ADD COLUMN granularities text"))
     rows = await conn.execute(
         text("SELECT name, fingerprint, retired_at IS NOT NULL, granularities, definition FROM tally_rollups")
     )

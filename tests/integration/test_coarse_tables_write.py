@@ -378,3 +378,29 @@ async def test_retention_expires_each_coarse_table_at_its_own_granularity(settin
         assert "by_type (agg_by_type__day): keeps 2d; deleted" in format_report(report)
     finally:
         await conn.close()
+
+
+async def test_a_registry_older_than_coarse_tables_is_upgraded_in_place(settings: Settings, tmp_path: Path) -> None:
+    """A database migrated before `granularities` existed: its rows store the base alone (NULL)."""
+    plain, coarse = with_rollups(settings, tmp_path, PLAIN), with_rollups(settings, tmp_path, COARSE)
+    await migrate_database(plain)
+    await _populate(plain, 100, seed=9)
+    conn = await asyncpg.connect(str(plain.postgres_url))
+    try:
+        await conn.execute("ALTER TABLE tally_rollups DROP COLUMN granularities")
+        engine = write_engine(str(plain.postgres_url))
+        try:
+            with pytest.raises(Exception, match="granularities"):  # new consumers need the new migrate first
+                await registry_version(engine, plain.rollups)
+        finally:
+            await engine.dispose()
+        # Adds the column. by_type is unchanged (NULL: minute alone); pages' day table, which the old
+        # registry cannot have known, is registered again (rebuilt from its base): the version moves.
+        await migrate_database(plain)
+        assert await _registry(plain) == (2, None)
+        await migrate_database(coarse)
+        assert await _registry(coarse) == (3, "minute,hour,day")
+        assert await conn.fetchval("SELECT granularities FROM tally_rollups WHERE name = 'pages'") == "hour,day"
+    finally:
+        await conn.close()
+    assert await assert_coarse_exact(coarse) > 0
