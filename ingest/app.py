@@ -15,7 +15,7 @@ from core import kafka, logs
 from core.auth import auth_requires, open_key_store
 from core.cache import redis_client
 from core.health import kafka_ok, redis_ok
-from core.http import HeaderLimit, MetricsMiddleware, drain_on_sigterm, ops_router
+from core.http import HeaderLimit, HotRoute, MetricsMiddleware, drain_on_sigterm, ops_router
 from core.looplag import LoopLagMonitor, settle_heap
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
@@ -99,7 +99,10 @@ def create_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     # The hot route is a plain ASGI app (authenticating for the `ingest` scope itself); OpenAPI
     # describes it from ingest.openapi. /healthz, /readyz and /metrics stay open for probes.
-    app.router.routes.append(Route(PATH, PostEvents(), methods=["POST"], name="post_events"))
+    # HotRoute hands it its requests past the framework's router; mounted too, for the 405 of
+    # other methods and the route list OpenAPI reads.
+    endpoint = PostEvents()
+    app.router.routes.append(Route(PATH, endpoint, methods=["POST"], name="post_events"))
     described = documented_routes()
 
     def openapi() -> dict[str, Any]:
@@ -116,6 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
     # Without Redis only requests with an Idempotency-Key are refused: not a reason to leave the balancer.
     app.include_router(ops_router(readiness, gating=frozenset({"kafka"})))
+    app.add_middleware(HotRoute, path=PATH, methods=frozenset({"POST"}), endpoint=endpoint)  # innermost
     app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)  # inside metrics: 431s are counted
     app.add_middleware(MetricsMiddleware, service="ingest")
     return app
