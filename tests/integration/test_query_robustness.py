@@ -43,6 +43,13 @@ INSERT = (
     f"INSERT INTO {TABLE} (bucket, type, source, count, sum_properties_amount, min_properties_amount,"
     " max_properties_amount) VALUES ($1, $2, $3, $4, $5, $6, $7)"
 )
+# A row with a new group key, into the base table and its coarse tables (its bucket floored to
+# each), in one transaction: what a consumer's commit of it does (consumers.flush).
+COARSE_INSERTS = [INSERT] + [
+    f"INSERT INTO {TABLE}__{g} (bucket, type, source, count, sum_properties_amount, min_properties_amount,"
+    f" max_properties_amount) VALUES (date_trunc('{g}', $1::timestamptz, 'UTC'), $2, $3, $4, $5, $6, $7)"
+    for g in ("hour", "day")
+]
 HOURLY_FIELDS = ["bucket", "type", "count", "sum_properties_amount"]
 HOURLY = {**WHOLE, "granularity": "hour", "fields": ",".join(HOURLY_FIELDS)}
 
@@ -315,7 +322,9 @@ class Inserter:
             while not self.stop.is_set():
                 row = self._row()
                 self.attempted.append(row)  # before the insert: a row the walk sees is always listed
-                await conn.execute(INSERT, *(row[c] for c in ALL_FIELDS))
+                async with conn.transaction():  # every table of the rollup, as the consumer writes them
+                    for statement in COARSE_INSERTS:
+                        await conn.execute(statement, *(row[c] for c in ALL_FIELDS))
                 self.committed += 1
                 await asyncio.sleep(0.003)
         finally:
