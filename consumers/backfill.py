@@ -8,6 +8,8 @@ advanced in the same transaction as its upserts, with the same fencing as the
 live consumers: a crashed backfill resumes where it committed, a second one
 running at once is fenced, and a finished one does nothing when run again.
 Dead letters are skipped: the live consumers already sent them to the DLQ.
+Batches go through the live consumers' Flusher, so the rollup's coarse tables
+(`granularities`) are written with its base table, in the same transactions.
 """
 
 from __future__ import annotations
