@@ -57,6 +57,7 @@ class PreparedBatch:
     duplicates: int = 0  # events not counted because their id was seen (set by the flush)
     expired: dict[str, int] = field(default_factory=dict)  # per rollup: events skipped, past its retention
     request_ids: dict[str, None] = field(default_factory=dict)  # ingest request ids, kept only for debug logs
+    changed: tuple[str, ...] = ()  # rollups the flush wrote cells to (after any dedup claim), set by it
 
     def extend(self, advance: Advance) -> None:
         """Add a partition's advance; one that continues this batch's advance of it extends that one."""

@@ -98,6 +98,7 @@ class Flusher:
                     aggregates, batch.duplicates = claimed.aggregates, claimed.duplicates
                 if tables is None:
                     tables = self.tables(aggregates)
+                batch.changed = tuple(name for name, cells in aggregates.items() if cells)
                 for up in self.upserts:
                     cells = tables.get(up.table)
                     if not cells:

@@ -267,7 +267,7 @@ class Runner:
         for adv in batch.advances:
             self.expected[(adv.topic, adv.partition)] = adv.new
         if self.versions is not None:
-            self.versions.committed(name for name, cells in batch.aggregates.items() if cells)
+            self.versions.committed(batch.changed)
         metrics.consumer_events_applied.inc(batch.events - batch.duplicates)
         metrics.consumer_batch_records.observe(batch.events)
         if log.isEnabledFor(logging.DEBUG):
