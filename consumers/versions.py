@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core import metrics
-from core.cache import version_key
+from core.cache import changes_channel, version_key
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class VersionBumper:
                     pipe = self._redis.pipeline(transaction=False)
                     for name in names:
                         pipe.incr(version_key(self._prefix, name))
+                    # After the INCRs, in the same pipeline: a query process that hears it and then
+                    # reads a version reads the new one (query.local_cache drops its copies).
+                    pipe.publish(changes_channel(self._prefix), " ".join(names))
                     await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
                 metrics.version_bump_failures.inc()

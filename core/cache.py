@@ -29,3 +29,10 @@ def version_key(prefix: str, rollup: str) -> str:
     """The counter a consumer bumps after each commit that changed `rollup` (consumers.versions), and
     that the query cache compares an open range's entry against (query.cache_policy)."""
     return f"{prefix}v:{rollup}"
+
+
+def changes_channel(prefix: str) -> str:
+    """Where a consumer publishes the rollups each commit changed, right after bumping their
+    versions (consumers.versions); query processes drop their in-process entries of those
+    rollups when they hear it (query.local_cache)."""
+    return f"{prefix}changed"

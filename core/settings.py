@@ -152,6 +152,9 @@ class Settings(BaseSettings):
     # most this long (what a lost bump can cost), and refreshed at most every cache_refresh_seconds.
     cache_versioned_fresh_seconds: float = Field(60.0, ge=0)
     cache_refresh_seconds: float = Field(0.25, ge=0)
+    # Fresh entries also kept in each query process, dropped when a commit is announced
+    # (query.local_cache); 0 turns that tier off.
+    query_local_cache_mb: int = Field(64, ge=0, le=65_536)
     cache_stale_seconds: float = 60.0
     cache_closed_fresh_seconds: float = 3_600.0
     cursor_secret: str = DEV_CURSOR_SECRET

@@ -30,6 +30,7 @@ from query.export import ExportGate
 from query.keys import Resolver
 from query.lag import LagProbe
 from query.lag_sampler import LagSampler
+from query.local_cache import LocalTier, subscriber
 from query.openapi import documented_routes
 from query.params import Limits
 from query.routes import router
@@ -74,13 +75,24 @@ def create_app(settings: Settings) -> FastAPI:
         keys = open_key_store(settings, app="tally-query")  # its own small pool: auth never waits on queries
         # A lock outlives the slowest query, so a crashed holder delays others by at most that.
         reader = RedisReader.from_url(str(settings.redis_url))
-        cache = QueryCache(redis, lock_ttl_ms=settings.statement_timeout_ms + 2_000, reader=reader)
+        local = (
+            LocalTier(
+                subscriber(str(settings.redis_url)),
+                settings.cache_prefix,
+                max_bytes=settings.query_local_cache_mb << 20,
+            )
+            if settings.query_local_cache_mb
+            else None
+        )
+        cache = QueryCache(redis, lock_ttl_ms=settings.statement_timeout_ms + 2_000, reader=reader, local=local)
         drain_on_sigterm(app, settings.drain_seconds)
         loop_lag = LoopLagMonitor("query")
         loop_lag.start()
         try:
             await lag.start()
             sampler.start()
+            if local is not None:
+                local.start()
             settle_heap()  # the collector's full passes, rare and over what requests made only
             yield QueryState(
                 settings=settings,
@@ -104,6 +116,8 @@ def create_app(settings: Settings) -> FastAPI:
                 await lag.close()
                 await counters.close()
             finally:
+                if local is not None:
+                    await local.stop()
                 await reader.close()
                 await redis.aclose()
                 await engine.dispose()

@@ -31,12 +31,14 @@ from redis.exceptions import RedisError
 from core import metrics
 from core.redis_read import RedisReader
 from query.cache_policy import Entry, lock_key, pack, parse_version, unpack
+from query.local_cache import LocalTier
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["hit", "stale", "miss", "coalesced", "bypass"]
 Reason = Literal["miss", "refresh", "bypass"]
 Compute = Callable[[Reason], Awaitable[Entry]]  # the entry, its version left for the cache to set
+Keep = Callable[[Entry, int | None], None]  # hands a fresh entry and its version to the local tier
 T = TypeVar("T")
 
 _RELEASE = """
@@ -58,8 +60,10 @@ class QueryCache:
         op_timeout: float = 1.0,
         breaker_seconds: float = 2.0,
         reader: RedisReader | None = None,
+        local: LocalTier | None = None,
     ) -> None:
         self._redis = redis
+        self._local = local  # fresh entries kept in the process too (query.local_cache)
         self._reader = reader  # the hit's one read, pipelined (core.redis_read); redis-py without it
         self._lock_ttl_ms = lock_ttl_ms
         self._op_timeout = op_timeout
@@ -82,6 +86,10 @@ class QueryCache:
         except (RedisError, OSError, TimeoutError) as exc:
             self._down_until = time.monotonic() + self._breaker_seconds
             raise RedisDown(str(exc)) from exc
+
+    @property
+    def local(self) -> LocalTier | None:
+        return self._local
 
     def redis_usable(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -115,10 +123,16 @@ class QueryCache:
     # -- The protocol ----------------------------------------------------------------------------
 
     async def fetch(
-        self, key: str, version_key: str, compute: Compute, *, force: bool = False
+        self, key: str, version_key: str, compute: Compute, *, force: bool = False, rollup: str = ""
     ) -> tuple[Entry, Outcome]:
         """The entry for `key` and how it was obtained; `version_key` names its rollup's version.
         `force` serves nothing stored (Cache-Control: no-cache)."""
+        local = self._local
+        if local is not None and not force:
+            kept = local.get(key, time.time())
+            if kept is not None:
+                return kept, "hit"
+        keep = self._keeper(key, rollup)
         if not self.redis_usable():
             return await self._single_flight(key, compute, None, use_redis=False, not_before=0.0)
         started = time.time()
@@ -129,19 +143,39 @@ class QueryCache:
         if entry is not None and not force:
             freshness = entry.freshness(time.time(), version)
             if freshness == "fresh":
+                if keep is not None:
+                    keep(entry, version)
                 return entry, "hit"
             if freshness == "stale":
-                self._refresh_later(key, compute, version)
+                self._refresh_later(key, compute, version, keep)
                 return entry, "stale"
-        return await self._single_flight(key, compute, version, use_redis=True, not_before=started if force else 0.0)
+        return await self._single_flight(
+            key, compute, version, use_redis=True, not_before=started if force else 0.0, keep=keep
+        )
+
+    def _keeper(self, key: str, rollup: str) -> Keep | None:
+        """How to hand what is read or computed now to the local tier: only if no commit of
+        `rollup` is announced meanwhile (the mark is taken before Redis is read)."""
+        local = self._local
+        if local is None or not rollup:
+            return None
+        mark = local.mark(rollup)
+        return lambda entry, version: local.keep(key, rollup, entry, version, mark)
 
     async def _single_flight(
-        self, key: str, compute: Compute, version: int | None, *, use_redis: bool, not_before: float
+        self,
+        key: str,
+        compute: Compute,
+        version: int | None,
+        *,
+        use_redis: bool,
+        not_before: float,
+        keep: Keep | None = None,
     ) -> tuple[Entry, Outcome]:
         task = self._inflight.get(key)
         joined = task is not None
         if task is None:
-            task = asyncio.create_task(self._compute_once(key, compute, version, use_redis, not_before))
+            task = asyncio.create_task(self._compute_once(key, compute, version, use_redis, not_before, keep))
             self._inflight[key] = task
             task.add_done_callback(lambda t: self._forget(key, t))
         # shield: a cancelled request must not cancel the computation others are waiting for.
@@ -157,7 +191,7 @@ class QueryCache:
             task.exception()  # retrieved here: the waiters re-raise it; do not log it as lost
 
     async def _compute_once(
-        self, key: str, compute: Compute, version: int | None, use_redis: bool, not_before: float
+        self, key: str, compute: Compute, version: int | None, use_redis: bool, not_before: float, keep: Keep | None
     ) -> tuple[Entry, bool]:
         """(entry, True) if this worker computed it, (entry, False) if another process did."""
         if not use_redis:
@@ -175,6 +209,8 @@ class QueryCache:
             # counter past it, so the next reader refreshes rather than trusting this entry.
             entry = replace(await compute("miss"), version=version)
             await self._store(key, entry)
+            if keep is not None:
+                keep(entry, version)
             return entry, True
         finally:
             if token is not None:
@@ -195,15 +231,15 @@ class QueryCache:
                     return None  # the holder finished without storing (or failed): compute ourselves
         return None
 
-    def _refresh_later(self, key: str, compute: Compute, version: int | None) -> None:
+    def _refresh_later(self, key: str, compute: Compute, version: int | None, keep: Keep | None) -> None:
         if key in self._refreshing or key in self._inflight:
             return
         self._refreshing.add(key)
-        task = asyncio.create_task(self._refresh(key, compute, version))
+        task = asyncio.create_task(self._refresh(key, compute, version, keep))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _refresh(self, key: str, compute: Compute, version: int | None) -> None:
+    async def _refresh(self, key: str, compute: Compute, version: int | None, keep: Keep | None) -> None:
         try:
             token = await self._lock(key)
             if token is None:
@@ -211,6 +247,8 @@ class QueryCache:
             try:
                 entry = replace(await compute("refresh"), version=version)
                 await self._store(key, entry)
+                if keep is not None:
+                    keep(entry, version)
                 metrics.cache_refreshes.inc()
             finally:
                 await self._unlock(key, token)

@@ -119,7 +119,9 @@ class GetRollup:
             )
 
         force = forces_refresh(headers.get(b"cache-control"))
-        entry, outcome = await st["cache"].fetch(resolved.key, resolved.version_key, compute, force=force)
+        entry, outcome = await st["cache"].fetch(
+            resolved.key, resolved.version_key, compute, force=force, rollup=q.rollup
+        )
         self._observed.record(q.rollup, outcome, time.perf_counter() - started, entry.rows)
         await _send_entry(send, entry, X_CACHE[outcome], q.format, q.rollup, headers.get(b"if-none-match"), started)
 

@@ -82,9 +82,12 @@ async def test_redis_killed_and_restarted_mid_stream(
     config = settings.model_copy(
         # No rate-limit leases: a post right after the kill must meet Redis gone, not a lease that
         # still has tokens (ingest.ratelimit), so every post while it is down shows the limiter open.
+        # The in-process cache tier is off: this is the Redis tier's fallback (an entry from before
+        # any version, on its timer, would rightly still be served from memory for a few seconds;
+        # tests/integration/test_query_local_cache.py covers that tier with Redis down).
         update={
             "redis_url": private_redis.url, "dedup": True, "rate_limit_events_per_second": RATE,
-            "rate_limit_lease_seconds": 0.0,
+            "rate_limit_lease_seconds": 0.0, "query_local_cache_mb": 0,
         }
     )
     await migrate(config)

@@ -148,7 +148,9 @@ async def test_redis_killed_then_restored(loaded: tuple[Settings, list[Row]]) ->
     port = devstack.free_port()
     redis = devstack.redis(port).start()
     try:
-        private = settings.model_copy(update={"redis_url": redis.url})
+        # The Redis tier's own fallback: the in-process tier, which would keep serving these closed
+        # ranges from memory (tests/integration/test_query_local_cache.py), is off here.
+        private = settings.model_copy(update={"redis_url": redis.url, "query_local_cache_mb": 0})
         async with running(private) as (http, _):
             first = await http.get(PATH, params=HOURLY)
             second = await http.get(PATH, params=HOURLY)
