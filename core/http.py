@@ -19,10 +19,13 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from types import FrameType
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import logs, metrics
@@ -195,6 +198,34 @@ class InflightLimit:
             await self.app(scope, receive, send)
         finally:
             self.serving -= 1
+
+
+def request_headers(scope: Scope, wanted: tuple[bytes, ...]) -> dict[bytes, str]:
+    """The few request headers a plain ASGI route reads, each the first of its name (as Starlette's)."""
+    found: dict[bytes, str] = {}
+    for name, value in scope["headers"]:
+        if name in wanted and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
+
+
+def describe_plain_routes(app: FastAPI, described: list[BaseRoute]) -> None:
+    """Let `app`'s OpenAPI include plain ASGI routes, from FastAPI routes that only describe them
+    (never mounted; ingest.openapi, query.openapi), beside the app's own."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                description=app.description,
+                routes=[*described, *app.routes],
+                servers=app.servers,
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class HotRoute:

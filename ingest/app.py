@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from starlette.routing import Route
 
 from core import kafka, logs
 from core.auth import auth_requires, open_key_store
 from core.cache import redis_client
 from core.health import kafka_ok, redis_ok
-from core.http import HeaderLimit, HotRoute, MetricsMiddleware, drain_on_sigterm, ops_router
+from core.http import HeaderLimit, HotRoute, MetricsMiddleware, describe_plain_routes, drain_on_sigterm, ops_router
 from core.looplag import LoopLagMonitor, settle_heap
 from core.problems import install_problem_handlers
 from core.settings import Settings, get_settings
@@ -103,20 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
     # other methods and the route list OpenAPI reads.
     endpoint = PostEvents()
     app.router.routes.append(Route(PATH, endpoint, methods=["POST"], name="post_events"))
-    described = documented_routes()
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = get_openapi(
-                title=app.title,
-                version=app.version,
-                summary=app.summary,
-                routes=[*described, *app.routes],
-                servers=app.servers,
-            )
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    describe_plain_routes(app, documented_routes())
     # Without Redis only requests with an Idempotency-Key are refused: not a reason to leave the balancer.
     app.include_router(ops_router(readiness, gating=frozenset({"kafka"})))
     app.add_middleware(HotRoute, path=PATH, methods=frozenset({"POST"}), endpoint=endpoint)  # innermost

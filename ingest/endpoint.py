@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from core import metrics
 from core.auth import KeyStore, Principal, authorize
+from core.http import request_headers
 from core.looplag import in_slices
 from core.problems import PROBLEM_JSON, TallyError, Unprocessable, problem_for, problem_response
 from core.settings import Settings
@@ -58,15 +59,6 @@ class _Answer:
         await send({"type": "http.response.body", "body": self.body})
 
 
-def _headers(scope: Scope) -> dict[bytes, str]:
-    """The few request headers the route reads, each the first of its name (as Starlette's)."""
-    found: dict[bytes, str] = {}
-    for name, value in scope["headers"]:
-        if name in _WANTED and name not in found:
-            found[name] = value.decode("latin-1")
-    return found
-
-
 class PostEvents:
     """The ASGI app of `POST /v1/events`, mounted as a Starlette route (methods, 405s and the route
     template for metrics come from the router). A class, so Starlette calls it as ASGI."""
@@ -87,7 +79,7 @@ async def _post(scope: Scope, receive: Receive) -> _Answer:
     state = cast(dict[str, Any], scope["state"])
     ingest = cast(IngestState, state)
     settings = ingest["settings"]
-    headers = _headers(scope)
+    headers = request_headers(scope, _WANTED)
     principal = await authorize(state, headers.get(b"authorization"), "ingest")
     raw_key = headers.get(b"idempotency-key")
     key = validate_key(raw_key) if raw_key is not None else None

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from starlette.routing import Route
 
 from core import logs
@@ -16,7 +14,15 @@ from core.auth import auth_responses, open_key_store, require_scope
 from core.cache import redis_client
 from core.db import read_engine
 from core.health import postgres_ok, redis_ok
-from core.http import HeaderLimit, HotRoute, InflightLimit, MetricsMiddleware, drain_on_sigterm, ops_router
+from core.http import (
+    HeaderLimit,
+    HotRoute,
+    InflightLimit,
+    MetricsMiddleware,
+    describe_plain_routes,
+    drain_on_sigterm,
+    ops_router,
+)
 from core.looplag import LoopLagMonitor, settle_heap
 from core.problems import install_problem_handlers
 from core.redis_read import RedisReader
@@ -147,20 +153,7 @@ def create_app(settings: Settings) -> FastAPI:
     # OpenAPI describes it from query.openapi.
     # Mounted too, behind HotRoute: for the 405 of other methods and the route list OpenAPI reads.
     app.router.routes.insert(0, Route(PATH, endpoint, methods=["GET"], name="query_rollup"))
-    described = documented_routes()
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = get_openapi(
-                title=app.title,
-                version=app.version,
-                description=app.description,
-                routes=[*described, *app.routes],
-                servers=app.servers,
-            )
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    describe_plain_routes(app, documented_routes())
     # Queries answer without Redis (bypass) and without Kafka (only lag needs it).
     app.include_router(ops_router(readiness, gating=frozenset({"postgres"})))
     mount_console(app)  # static files only: its data comes from the routes above, with the user's key

@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from core import metrics
 from core.auth import authorize
+from core.http import request_headers
 from core.problems import TallyError, problem_for
 from query.cache import Outcome, Reason
 from query.cache_policy import Entry, etag_matches, forces_refresh, ttl_for
@@ -38,15 +39,6 @@ _WANTED = (b"authorization", b"if-none-match", b"cache-control")
 
 def attachment(rollup: str) -> dict[str, str]:
     return {"Content-Disposition": f'attachment; filename="{rollup}.csv"'}  # rollup names are [a-z0-9_]
-
-
-def _headers(scope: Scope) -> dict[bytes, str]:
-    """The few request headers the route reads, each the first of its name (as Starlette's)."""
-    found: dict[bytes, str] = {}
-    for name, value in scope["headers"]:
-        if name in _WANTED and name not in found:
-            found[name] = value.decode("latin-1")
-    return found
 
 
 class _Observed:
@@ -85,7 +77,7 @@ class GetRollup:
         state = cast(dict[str, Any], scope["state"])
         st = cast(QueryState, state)
         settings = st["settings"]
-        headers = _headers(scope)
+        headers = request_headers(scope, _WANTED)
         await authorize(state, headers.get(b"authorization"), "query")
         now = datetime.now(UTC)
         resolved = st["resolver"].resolve(scope["path_params"]["name"], scope["query_string"].decode("latin-1"), now)
