@@ -97,11 +97,17 @@ class Entry:
     def age(self, now: float) -> float:
         return max(0.0, now - self.computed_at)
 
+    @property
+    def follows_commits(self) -> bool:
+        """An open range computed at a known version: fresh only while that version holds. A closed
+        range cannot change, and an entry made before any version existed is on a timer."""
+        return self.version is not None and self.ttl.versioned > 0
+
     def freshness(self, now: float, version: int | None = None) -> Freshness:
         """Fresh, stale or expired at `now`, when the rollup's current version is `version`."""
         age = self.age(now)
         ttl = self.ttl
-        if self.version is None or ttl.versioned <= 0:  # closed, or no version known: a timer
+        if not self.follows_commits:
             fresh = ttl.fresh
         elif version == self.version:
             fresh = ttl.versioned

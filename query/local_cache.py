@@ -9,8 +9,9 @@ after bumping their versions (consumers.versions); this process listens, and a r
 there loses all its entries here at once (its generation moves, so an entry read before the
 message cannot be stored after it). An entry is only served while the subscription is known
 to be up: when it drops, everything here is forgotten and nothing is kept until it is back,
-because a message may have been missed. Closed ranges, which cannot change, need none of this:
-they stay, and are served from here even while Redis is down. Freshness is judged as in Redis,
+because a message may have been missed. Entries that do not follow commits (`Entry.follows_commits`:
+closed ranges, and entries on the timer) need none of this: they stay, and are served from here
+even while Redis is down. Freshness is judged as in Redis,
 against the version the entry was read with (no message since means no commit since).
 """
 
@@ -44,13 +45,6 @@ class _Kept:
     size: int
 
 
-def _follows_commits(entry: Entry) -> bool:
-    """An open range computed at a known version. A closed range cannot change, and an entry made
-    before any version existed is on a timer: neither needs announcements, so both stay here
-    (and are served) while the subscription is down, Redis included."""
-    return entry.ttl.versioned > 0 and entry.version is not None
-
-
 def subscriber(url: str) -> Redis:
     """A client for the subscription alone, which never reconnects by itself: a reconnect it
     made silently could hide a gap in which announcements were missed."""
@@ -78,7 +72,7 @@ class LocalTier:
     def get(self, key: str, now: float) -> Entry | None:
         """The entry under `key` if it is here and fresh, else None (ask Redis)."""
         kept = self._kept.get(key)
-        if kept is None or (_follows_commits(kept.entry) and not self.listening):
+        if kept is None or (kept.entry.follows_commits and not self.listening):
             return None
         if kept.entry.freshness(now, kept.version) != "fresh":
             self._drop(key)
@@ -91,7 +85,7 @@ class LocalTier:
         return self._epoch, self._generation.get(rollup, 0)
 
     def keep(self, key: str, rollup: str, entry: Entry, version: int | None, mark: tuple[int, int]) -> None:
-        if _follows_commits(entry) and (not self.listening or mark != self.mark(rollup)):
+        if entry.follows_commits and (not self.listening or mark != self.mark(rollup)):
             return
         size = len(entry.body) + len(key) + 200
         if size > self._max_bytes // 8:  # one large export-sized answer must not push out everything
@@ -116,14 +110,14 @@ class LocalTier:
         for rollup in rollups:
             self._generation[rollup] = self._generation.get(rollup, 0) + 1
             for key in list(self._keys_of.get(rollup, ())):
-                if _follows_commits(self._kept[key].entry):
+                if self._kept[key].entry.follows_commits:
                     self._drop(key)
 
     def _forget_all(self) -> None:
         """The subscription dropped: what follows commits goes (an announcement may be missed)."""
         self.listening = False
         self._epoch += 1
-        for key in [k for k, kept in self._kept.items() if _follows_commits(kept.entry)]:
+        for key in [k for k, kept in self._kept.items() if kept.entry.follows_commits]:
             self._drop(key)
 
     # -- The subscription --------------------------------------------------------------------------
@@ -182,5 +176,5 @@ class LocalTier:
         await self._redis.aclose()
 
     def stats(self) -> tuple[int, int]:
-        """(entries, bytes) kept: for tests and metrics."""
+        """(entries, bytes) kept."""
         return len(self._kept), self._bytes
