@@ -149,10 +149,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(MetricsMiddleware, service="query", pages=CONSOLE_PAGES)
     # Rollups and lag need a `query` key; /healthz, /readyz and /metrics (ops_router) stay open.
     app.include_router(router, dependencies=[Depends(require_scope("query"))], responses=auth_responses("query"))
-    # The dashboards' hot route is a plain ASGI app (authenticating for the `query` scope itself);
-    # OpenAPI describes it from query.openapi.
-    # Mounted too, behind HotRoute: for the 405 of other methods and the route list OpenAPI reads.
-    app.router.routes.insert(0, Route(PATH, endpoint, methods=["GET"], name="query_rollup"))
+    # The hot route authenticates for the `query` scope itself. Mounted too, behind HotRoute: for the
+    # 405 of other methods; OpenAPI describes it from query.openapi.
+    app.router.routes.append(Route(PATH, endpoint, methods=["GET"], name="query_rollup"))
     describe_plain_routes(app, documented_routes())
     # Queries answer without Redis (bypass) and without Kafka (only lag needs it).
     app.include_router(ops_router(readiness, gating=frozenset({"postgres"})))

@@ -87,18 +87,19 @@ class GetRollup:
         if q.export:
             await self._export(scope, receive, send, st, resolved, started, deadline)
             return
-        ttl = ttl_for(
-            q.range.end,
-            now,
-            lateness_seconds=settings.lateness_seconds,
-            fresh=settings.cache_fresh_seconds,
-            stale=settings.cache_stale_seconds,
-            closed_fresh=settings.cache_closed_fresh_seconds,
-            versioned=settings.cache_versioned_fresh_seconds,
-            refresh=settings.cache_refresh_seconds,
-        )
 
         async def compute(reason: Reason) -> Entry:
+            # Only an entry being made needs its lifetime: a hit does not pay for it.
+            ttl = ttl_for(
+                q.range.end,
+                now,
+                lateness_seconds=settings.lateness_seconds,
+                fresh=settings.cache_fresh_seconds,
+                stale=settings.cache_stale_seconds,
+                closed_fresh=settings.cache_closed_fresh_seconds,
+                versioned=settings.cache_versioned_fresh_seconds,
+                refresh=settings.cache_refresh_seconds,
+            )
             return await run_query(
                 st["engine"],
                 resolved.rollup,
