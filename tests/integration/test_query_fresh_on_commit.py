@@ -77,14 +77,20 @@ async def test_a_cached_open_range_shows_a_commit_within_one_refresh(migrated: S
 
 
 async def test_a_closed_range_ignores_versions(migrated: Settings) -> None:
-    """A range that ended before the lateness window cannot change: a version move does not refresh it."""
-    settings = consumer_settings(migrated, cache_refresh_seconds=0.0)
+    """A range that ended before the lateness window cannot change: a version move does not refresh
+    it, while the same move makes an open range's entry stale. The Redis tier's rule: the in-process
+    tier is off, as it would answer both from memory until an announcement."""
+    settings = consumer_settings(migrated, cache_refresh_seconds=0.0, query_local_cache_mb=0)
     closed = {"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z", "granularity": "day"}
+    key = version_key(settings.cache_prefix, "events_by_type")
     redis = Redis.from_url(str(settings.redis_url))
     try:
         async with querying(settings) as (http, _):
+            await redis.incr(key)  # both entries are computed at a known version
             assert (await http.get(PATH, params=closed)).headers["x-cache"] == "miss"
-            await redis.incr(version_key(settings.cache_prefix, "events_by_type"))
+            assert (await http.get(PATH, params=ASKED)).headers["x-cache"] == "miss"
+            await redis.incr(key)
             assert (await http.get(PATH, params=closed)).headers["x-cache"] == "hit"
+            assert (await http.get(PATH, params=ASKED)).headers["x-cache"] == "stale"
     finally:
         await redis.aclose()

@@ -13,6 +13,7 @@ from consumers.versions import VersionBumper
 from core import devstack
 from core.settings import Settings
 from query.local_cache import LocalTier
+from query.state import QueryState
 from tests.integration.query_support import running
 
 PATH = "/v1/rollups/events_by_type"
@@ -27,13 +28,19 @@ async def until(check: object, seconds: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def listening(state: QueryState) -> LocalTier:
+    """The app's in-process tier, once its subscription is up."""
+    local = state["cache"].local
+    assert isinstance(local, LocalTier)
+    await until(lambda: local.listening)
+    return local
+
+
 async def test_fresh_hits_skip_redis_until_a_commit_is_announced(migrated: Settings) -> None:
     redis = Redis.from_url(str(migrated.redis_url))
     try:
         async with running(migrated) as (http, state):
-            local = state["cache"].local
-            assert isinstance(local, LocalTier)
-            await until(lambda: local.listening)
+            local = await listening(state)
             await redis.incr(f"{migrated.cache_prefix}v:events_by_type")  # a consumer has bumped once
             assert (await http.get(PATH, params=OPEN)).headers["x-cache"] == "miss"
             assert local.stats()[0] == 1  # computed fresh: kept here too
@@ -60,9 +67,7 @@ async def test_a_lost_subscription_empties_the_tier_until_it_is_back(migrated: S
     redis = Redis.from_url(str(migrated.redis_url))
     try:
         async with running(migrated) as (http, state):
-            local = state["cache"].local
-            assert isinstance(local, LocalTier)
-            await until(lambda: local.listening)
+            local = await listening(state)
             await redis.incr(f"{migrated.cache_prefix}v:events_by_type")  # entries follow commits
             await http.get(PATH, params=OPEN)
             assert local.stats()[0] == 1
@@ -81,9 +86,7 @@ async def test_with_redis_down_closed_ranges_are_still_served_from_the_process(m
     redis = devstack.redis(devstack.free_port()).start()
     try:
         async with running(migrated.model_copy(update={"redis_url": redis.url})) as (http, state):
-            local = state["cache"].local
-            assert isinstance(local, LocalTier)
-            await until(lambda: local.listening)
+            local = await listening(state)
             versions = Redis.from_url(redis.url)
             await versions.incr(f"{migrated.cache_prefix}v:events_by_type")
             await versions.aclose()
