@@ -14,7 +14,10 @@ Rules, shared with the query API through the stored values:
 - dimension and `where` values: str as is, missing/None -> "", bool -> "true" /
   "false", any other JSON value -> its orjson text;
 - count: events in the row; sum/min/max: over int or float values (never bool) at
-  the path; other values are ignored and leave the measure None if none is numeric.
+  the path; other values are ignored and leave the measure None if none is numeric;
+- uniq: an HLL sketch of the row's distinct values at the path, each as its dimension
+  text (missing/None is no value); quantiles: a KLL sketch of the numeric values as
+  doubles (schemas.sketches). Sketches merge by union; None is the empty sketch.
 Two guards keep one odd event from wedging a partition (Postgres would refuse the
 row forever): NUL characters, which `text` cannot hold, become U+FFFD, and a
 dimension value is cut (at a character boundary) to its share of
@@ -39,6 +42,7 @@ from operator import attrgetter, floordiv
 from typing import Any, Final
 
 from consumers.view import View, attribute, keys_of, no_properties
+from schemas import sketches
 from schemas.events import lookup
 from schemas.rollups import GRANULARITY_MS, RollupSpec, dimension_text, expiry_cutoff_ms
 
@@ -50,12 +54,13 @@ MAX_KEY_BYTES: Final = 2000
 MIN_DIMENSION_BYTES: Final = 64
 
 Key = tuple[Any, ...]  # (bucket datetime, *dimension strings)
-Value = int | Decimal | None  # count -> int; sum/min/max -> Decimal or None
+Value = Any  # count -> int; sum/min/max -> Decimal or None; uniq/quantiles -> a sketch or None
 Cells = dict[Key, list[Value]]  # measure values in the spec's measure order
 Aggregates = dict[str, Cells]  # rollup name -> cells
 
-_COUNT, _SUM, _MIN, _MAX = 0, 1, 2, 3
-_OPS: Final = {"count": _COUNT, "sum": _SUM, "min": _MIN, "max": _MAX}
+_COUNT, _SUM, _MIN, _MAX, _UNIQ, _QUANTILES = 0, 1, 2, 3, 4, 5
+_OPS: Final = {"count": _COUNT, "sum": _SUM, "min": _MIN, "max": _MAX, "uniq": _UNIQ, "quantiles": _QUANTILES}
+_SKETCHES: Final = frozenset({_UNIQ, _QUANTILES})
 
 
 stringify = dimension_text  # the contract's rule, shared with the rollup spec parser
@@ -96,8 +101,9 @@ class RollupPlan:
     where: tuple[tuple[tuple[str, ...], frozenset[str]], ...]
     dimensions: tuple[tuple[str, ...], ...]
     dimension_bytes: int
-    value_paths: tuple[tuple[str, ...], ...]  # distinct numeric paths, each looked up once per event
+    value_paths: tuple[tuple[str, ...], ...]  # distinct measured paths, each looked up once per event
     ops: tuple[tuple[int, int], ...]  # per measure: (op code, index into value_paths or -1)
+    precisions: tuple[int, ...] = ()  # per measure: a sketch's lg_k or k, else 0
 
     @property
     def name(self) -> str:
@@ -115,6 +121,7 @@ class RollupPlan:
 def compile_rollup(spec: RollupSpec) -> RollupPlan:
     value_paths: list[tuple[str, ...]] = []
     ops: list[tuple[int, int]] = []
+    precisions = tuple(m.precision or 0 for m in spec.measures)
     for measure in spec.measures:
         if measure.op == "count":
             ops.append((_COUNT, -1))
@@ -131,6 +138,7 @@ def compile_rollup(spec: RollupSpec) -> RollupPlan:
         dimension_bytes=max(MIN_DIMENSION_BYTES, MAX_KEY_BYTES // max(1, len(dims))),
         value_paths=tuple(value_paths),
         ops=tuple(ops),
+        precisions=precisions,
     )
 
 
@@ -139,11 +147,13 @@ def compile_rollups(specs: Iterable[RollupSpec]) -> tuple[RollupPlan, ...]:
 
 
 def _combine(op: int, old: Value, new: Value) -> Value:
-    """One measure merged: None is the identity; count/sum add; min/max keep the extreme."""
+    """One measure merged: None is the identity; count/sum add; min/max keep the extreme; sketches unite."""
     if new is None:
         return old
     if old is None:
         return new
+    if op in _SKETCHES:
+        return sketches.union(old, new)
     if op == _COUNT:
         return old + new
     if op == _SUM:
@@ -236,13 +246,16 @@ def _dimension_text(col: list[Any], cap: int) -> list[Any]:
     return [fit(stringify(v), cap) for v in col]
 
 
-def _reduce(op: int, values: list[Any]) -> Value:
-    """One row's numeric values (ints and floats, in event order) as the measure's Decimal."""
+def _reduce(op: int, values: list[Any], precision: int = 0) -> Value:
+    """One row's numeric values (ints and floats, in event order) as the measure's Decimal, or its
+    quantiles sketch."""
+    if op == _QUANTILES:
+        return sketches.new_quantiles(precision, values)
     if op == _SUM:
         exact: Iterable[Any] = (
             map(Decimal, map(repr, values)) if set(map(type, values)) == _FLOAT else map(to_decimal, values)
         )
-        return reduce(EXACT.add, exact)  # type: ignore[no-any-return]
+        return reduce(EXACT.add, exact)
     # Python compares ints and floats exactly, and min/max keep the first of equals, as `_combine` does.
     return to_decimal(min(values) if op == _MIN else max(values))
 
@@ -264,21 +277,26 @@ def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None
     else:
         keys = list(zip(slots, *dims, strict=True))
         counts = Counter(keys)
+    numeric_paths = {j for op, j in plan.ops if op not in (_COUNT, _UNIQ)}
+    uniq_paths = {j for op, j in plan.ops if op == _UNIQ}
     numbers: list[dict[Key, list[Any]]] = []
-    for path in plan.value_paths:
+    for j, path in enumerate(plan.value_paths):
         values = pick(columns.raw(path))
         grouped: dict[Key, list[Any]] = {}
-        numeric = list(map(_NUMERIC.__contains__, map(type, values)))
-        if any(numeric):
-            for key, value in compress(zip(keys, values, strict=True), numeric):
-                found = grouped.get(key)
-                if found is None:
-                    grouped[key] = [value]
-                else:
-                    found.append(value)
+        if j in numeric_paths:
+            numeric = list(map(_NUMERIC.__contains__, map(type, values)))
+            if any(numeric):
+                for key, value in compress(zip(keys, values, strict=True), numeric):
+                    found = grouped.get(key)
+                    if found is None:
+                        grouped[key] = [value]
+                    else:
+                        found.append(value)
         numbers.append(grouped)
+    uniques = {j: _distinct_by_key(keys, pick(columns.raw(plan.value_paths[j]))) for j in uniq_paths}
     count_at = [i for i, (op, _) in enumerate(plan.ops) if op == _COUNT]
-    numeric_ops = [(i, op, j) for i, (op, j) in enumerate(plan.ops) if op != _COUNT]
+    numeric_ops = [(i, op, j) for i, (op, j) in enumerate(plan.ops) if op not in (_COUNT, _UNIQ)]
+    uniq_ops = [(i, j, plan.precisions[i]) for i, (op, j) in enumerate(plan.ops) if op == _UNIQ]
     empty = plan.empty()
     buckets: dict[int, datetime] = {}
     for key, n in counts.items():
@@ -291,12 +309,33 @@ def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None
         if cell is None:
             cell = cells[row] = empty.copy()
         for i in count_at:
-            cell[i] += n  # type: ignore[operator]
+            cell[i] += n
         for i, op, j in numeric_ops:
             found = numbers[j].get(key)
             if found is not None:
-                cell[i] = _combine(op, cell[i], _reduce(op, found))
+                cell[i] = _combine(op, cell[i], _reduce(op, found, plan.precisions[i]))
+        for i, j, lg_k in uniq_ops:
+            found = uniques[j].get(key)
+            if found is not None:
+                cell[i] = _combine(_UNIQ, cell[i], sketches.new_uniq(lg_k, found))
     return cells
+
+
+def _distinct_by_key(keys: list[Key], values: list[Any]) -> dict[Key, list[str]]:
+    """Per row key, the distinct values at a `uniq` path as their dimension text (None: no value)."""
+    distinct = _strings(values)
+    if distinct is None or None in distinct:
+        values = [v if v is None or type(v) is str else stringify(v) for v in values]
+    out: dict[Key, list[str]] = {}
+    for key, value in set(zip(keys, values, strict=True)):
+        if value is None:
+            continue
+        found = out.get(key)
+        if found is None:
+            out[key] = [value]
+        else:
+            found.append(value)
+    return out
 
 
 def plan_keys(plans: Iterable[RollupPlan]) -> frozenset[str]:
@@ -357,10 +396,12 @@ def _floors(granularity: str) -> Any:
 def _merged(op: int, column: Sequence[Value]) -> Value:
     """One measure over the rows merged into a coarse row: `_combine` folded, in C loops where it can be."""
     if op == _COUNT:
-        return sum(column)  # type: ignore[arg-type]
+        return sum(column)
     present = [v for v in column if v is not None]
     if not present:
         return None
+    if op in _SKETCHES:
+        return sketches.merged(present)
     if op == _SUM:
         return reduce(EXACT.add, present)
     return min(present) if op == _MIN else max(present)

@@ -8,6 +8,8 @@ the stored offsets. Only then are the rollup rows upserted, so the counts and
 the offsets always move together: the exactly-once effect of DESIGN §5.
 With TALLY_DEDUP the batch's event ids are claimed in the same transaction, between
 the two (consumers.dedup_store), so the claims move with them too.
+Sketch measures are read, united and written back under the upsert's row locks, in the
+same transaction (consumers.sql), so they move with the offsets like every other measure.
 A rollup's coarse tables (`granularities`) are upserted in the same transaction,
 from cells derived from the base cells (consumers.aggregate.table_cells) after any
 claim, so every table of every rollup moves with the offsets.
@@ -104,14 +106,19 @@ class Flusher:
                     if not cells:
                         continue
                     if len(cells) < COPY_MIN_ROWS:
-                        await conn.execute(up.statement, up.params(cells))
-                        continue
-                    # Every time, in this transaction: after the first it is a catalog look-up, and a
-                    # batch rolled back with the table's creation in it cannot leave the next without one.
-                    await conn.execute(up.create_stage)
-                    driver: Any = (await conn.get_raw_connection()).driver_connection
-                    await driver.copy_records_to_table(up.stage, records=up.records(cells), columns=up.columns)
-                    await conn.execute(up.from_stage)
+                        result = await conn.execute(up.statement, up.params(cells))
+                    else:
+                        # Every time, in this transaction: after the first it is a catalog look-up, and a
+                        # batch rolled back with the table's creation in it cannot leave the next without one.
+                        await conn.execute(up.create_stage)
+                        driver: Any = (await conn.get_raw_connection()).driver_connection
+                        await driver.copy_records_to_table(up.stage, records=up.records(cells), columns=up.columns)
+                        result = await conn.execute(up.from_stage)
+                    if up.set_sketches is not None:  # the rows are locked by the upsert: unite and write
+                        stored = result.all()
+                        unions = await asyncio.to_thread(up.merged_sketches, cells, stored)
+                        if unions["s0"]:
+                            await conn.execute(up.set_sketches, unions)
                 starting = [a for a in batch.advances if (a.topic, a.partition) not in self._started]
                 for adv in starting if self.record_starts else ():
                     await conn.execute(

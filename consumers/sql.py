@@ -7,6 +7,13 @@ and one `INSERT ... SELECT` from it, which is faster for many rows. Identifiers 
 only from validated spec names (the spec parser restricts them) and are quoted
 anyway. Rows are merged in key order, and tables written in one order (`upserts`),
 so that concurrent consumers lock rows in the same order and do not deadlock each other.
+
+Sketch measures (uniq, quantiles) cannot be merged in SQL without an extension, so a
+table holding them is read, merged and written under the row locks of the same
+transaction: the upsert leaves the sketch columns alone (NULL in a new row) and
+RETURNs each row's stored sketches, already locked by it; the flush unites them with
+the batch's (`merged_sketches`) and `set_sketches` writes the unions. Locking is the
+upsert's, in key order, so the deadlock argument above holds unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 from sqlalchemy import TextClause, text
 
 from consumers.aggregate import Cells, RollupPlan
+from schemas import sketches
 
 _PG_TYPE = {"count": "bigint", "sum": "numeric", "min": "numeric", "max": "numeric"}
 
@@ -70,23 +78,67 @@ class Upsert:
 
     plan: RollupPlan
     table: str  # the table written: the rollup's base table or one of its coarser ones
-    statement: TextClause  # INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT
-    columns: tuple[str, ...]  # the table's columns, in the cells' order (key, then measures)
-    stage: str  # a temporary table of the same columns, emptied at every commit
+    statement: TextClause  # INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT [RETURNING sketches]
+    columns: tuple[str, ...]  # the columns written by the upsert: key, then the non-sketch measures
+    stage: str  # a temporary table of the table's columns, emptied at every commit
     create_stage: TextClause
-    from_stage: TextClause  # INSERT ... SELECT FROM stage ... ON CONFLICT
+    from_stage: TextClause  # INSERT ... SELECT FROM stage ... ON CONFLICT [RETURNING sketches]
+    sketch_at: tuple[int, ...] = ()  # positions of the sketch measures in a cell's values
+    set_sketches: TextClause | None = None  # UPDATE ... FROM unnest(keys, unions)
+
+    @property
+    def _plain(self) -> tuple[int, ...] | None:
+        """Positions of the measures the upsert writes, or None when it writes all of them."""
+        if not self.sketch_at:
+            return None
+        return tuple(i for i in range(len(self.plan.ops)) if i not in self.sketch_at)
+
+    def _values(self, cells: Cells) -> list[tuple[Any, ...]]:
+        plain = self._plain
+        if plain is None:
+            return list(map(tuple, cells.values()))
+        return [tuple(v[i] for i in plain) for v in cells.values()]
 
     def params(self, cells: Cells) -> dict[str, list[Any]]:
         """Column arrays for `unnest` (transposed in C, not cell by cell; Postgres sorts them)."""
         width = len(self.columns)
         if not cells:
             return {f"c{i}": [] for i in range(width)}
-        columns = [*zip(*cells.keys(), strict=True), *zip(*cells.values(), strict=True)]
+        values = cells.values() if self._plain is None else self._values(cells)
+        columns = [*zip(*cells.keys(), strict=True), *zip(*values, strict=True)]
         return {f"c{i}": list(column) for i, column in enumerate(columns)}
 
     def records(self, cells: Cells) -> list[tuple[Any, ...]]:
         """The cells as rows for COPY into the stage."""
-        return list(map(tuple.__add__, cells.keys(), map(tuple, cells.values())))
+        return list(map(tuple.__add__, cells.keys(), self._values(cells)))
+
+    def merged_sketches(self, cells: Cells, stored: Sequence[Sequence[Any]]) -> dict[str, list[Any]]:
+        """`set_sketches`' arrays: per row the batch touched with a sketch, the stored sketches
+        (`stored`: the upsert's RETURNING rows, key then sketch bytes or NULL) united with the
+        batch's, encoded. A column the batch has no value for keeps its stored bytes."""
+        width = len(self.plan.spec.key_columns)
+        found = {tuple(row[:width]): row[width:] for row in stored}
+        ops = [self.plan.spec.measures[i].op for i in self.sketch_at]
+        keys: list[tuple[Any, ...]] = []
+        unions: list[list[bytes | None]] = [[] for _ in self.sketch_at]
+        for key, values in cells.items():
+            new = [values[i] for i in self.sketch_at]
+            if all(v is None for v in new):
+                continue
+            old = found.get(key) or (None,) * len(new)
+            keys.append(key)
+            for column, op, mine, theirs in zip(unions, ops, new, old, strict=True):
+                if mine is None:
+                    column.append(None if theirs is None else bytes(theirs))
+                elif theirs is None:
+                    column.append(sketches.encode(mine))
+                else:
+                    column.append(sketches.encode(sketches.union(sketches.decode(op, bytes(theirs)), mine)))
+        params: dict[str, list[Any]] = {f"k{i}": list(c) for i, c in enumerate(zip(*keys, strict=True))}
+        if not keys:
+            params = {f"k{i}": [] for i in range(width)}
+        params.update({f"s{i}": column for i, column in enumerate(unions)})
+        return params
 
 
 def upserts(plans: Sequence[RollupPlan]) -> tuple[Upsert, ...]:
@@ -101,26 +153,46 @@ def upsert(plan: RollupPlan, granularity: str | None = None) -> Upsert:
     name = spec.table_for(granularity or spec.granularity)
     table = quote(name)
     keys = [quote(c) for c in spec.key_columns]
-    measures = [(quote(m.column), m.op) for m in spec.measures]
+    measures = [(quote(m.column), m.op) for m in spec.measures if not m.is_sketch]
+    sketch_columns = [quote(m.column) for m in spec.measures if m.is_sketch]
     columns = [*keys, *(c for c, _ in measures)]
     types = ["timestamptz", *["text"] * len(spec.dimensions), *[_PG_TYPE[op] for _, op in measures]]
     arrays = ", ".join(f"CAST(:c{i} AS {t}[])" for i, t in enumerate(types))
     updates = ", ".join(f"{col} = {_merge_expression(table, col, op)}" for col, op in measures)
+    if not updates:  # sketches only: the upsert still locks and returns the row, changing nothing
+        updates = f"{sketch_columns[0]} = {table}.{sketch_columns[0]}"
     # Rows go in key order, so that concurrent consumers lock rows in the same order and do not
     # deadlock each other; Postgres sorts them, cheaper than Python would.
     order = ", ".join(str(i + 1) for i in range(len(keys)))
     merge = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
     stage = f"tally_stage_{name.removeprefix('agg_')}"  # one per table: `tally_stage_<name>[__<granularity>]`
+    returning = f" RETURNING {', '.join([*keys, *sketch_columns])}" if sketch_columns else ""
+    set_sketches = None
+    if sketch_columns:
+        key_types = ["timestamptz", *["text"] * len(spec.dimensions)]
+        sources = [f"CAST(:k{i} AS {t}[])" for i, t in enumerate(key_types)]
+        sources += [f"CAST(:s{i} AS bytea[])" for i in range(len(sketch_columns))]
+        names = [f"k{i}" for i in range(len(keys))] + [f"s{i}" for i in range(len(sketch_columns))]
+        set_sketches = text(
+            f"UPDATE {table} SET {', '.join(f'{c} = v.s{i}' for i, c in enumerate(sketch_columns))} "  # noqa: S608
+            f"FROM unnest({', '.join(sources)}) AS v({', '.join(names)}) "
+            f"WHERE {' AND '.join(f'{table}.{k} = v.k{i}' for i, k in enumerate(keys))}"
+        )
     # Identifiers come from validated specs and are quoted; every value is a bound array or COPY row.
     return Upsert(
         plan,
         name,
-        text(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) ORDER BY {order} {merge}"),  # noqa: S608
+        text(
+            f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "  # noqa: S608
+            f"ORDER BY {order} {merge}{returning}"
+        ),
         tuple(c.strip('"') for c in columns),
         stage,
         text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {quote(stage)} (LIKE {table}) ON COMMIT DELETE ROWS"),
         text(
             f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
-            f"SELECT {', '.join(columns)} FROM {quote(stage)} ORDER BY {order} {merge}"
+            f"SELECT {', '.join(columns)} FROM {quote(stage)} ORDER BY {order} {merge}{returning}"
         ),
+        tuple(i for i, m in enumerate(spec.measures) if m.is_sketch),
+        set_sketches,
     )

@@ -14,17 +14,24 @@ consumer commit is either wholly before the fill (its base rows are counted by i
 or waits until the fill commits (then its own upsert adds its cells to both). None
 is counted twice or missed. Readers (MVCC) are never blocked: the coarse table is
 emptied with DELETE, not TRUNCATE, so a query sees the old rows until commit.
+
+Sketch measures cannot be united in SQL (no extension is assumed), so their columns
+are filled after the other measures, in the same transaction: each coarse row's
+sketches gathered by SQL (`array_agg`) and united here (schemas.sketches).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from core.db import asyncpg_url
+from schemas import sketches
 from schemas.rollups import RollupSpec
 
 _MERGE = {"count": "sum", "sum": "sum", "min": "min", "max": "max"}
@@ -48,7 +55,7 @@ def fill_statements(spec: RollupSpec, granularities: Sequence[str] | None = None
     if not wanted:
         return []
     dims = [_quote(c) for c in spec.dimension_columns]
-    measures = [(_quote(m.column), m.op) for m in spec.measures]
+    measures = [(_quote(m.column), m.op) for m in spec.measures if not m.is_sketch]  # sketches: `_unite_sketches`
     columns = ", ".join(["bucket", *dims, *(c for c, _ in measures)])
     statements = [f"LOCK TABLE {_quote(spec.table)} IN SHARE MODE"]
     source = spec.table
@@ -79,6 +86,53 @@ async def fill_coarse_tables(
     """
     for statement in fill_statements(spec, granularities):
         await conn.execute(text(statement))
+    if spec.sketch_columns:
+        wanted = spec.coarse_granularities if granularities is None else tuple(granularities)
+        source = spec.table
+        for g in spec.coarse_granularities:  # ascending, as the statements: each source is already whole
+            if g in wanted:
+                await _unite_sketches(conn, spec, source, g)
+            source = spec.table_for(g)
+
+
+async def _unite_sketches(conn: AsyncConnection, spec: RollupSpec, source: str, granularity: str) -> None:
+    """Set the sketch columns of `spec`'s `granularity` table to the unions of `source`'s rows."""
+    target = _quote(spec.table_for(granularity))
+    dims = [_quote(c) for c in spec.dimension_columns]
+    columns = [_quote(c) for c in spec.sketch_columns]
+    gathered = [f"array_agg({c}) FILTER (WHERE {c} IS NOT NULL)" for c in columns]
+    group = ", ".join(str(i + 1) for i in range(1 + len(dims)))
+    rows = (
+        await conn.execute(
+            text(
+                f"SELECT date_trunc('{granularity}', bucket, 'UTC'), {', '.join([*dims, *gathered])} "  # noqa: S608
+                f"FROM {_quote(source)} GROUP BY {group}"
+            )
+        )
+    ).all()
+    ops = [spec.measure(c).op for c in spec.sketch_columns]
+    width = 1 + len(dims)
+
+    def unite() -> list[dict[str, Any]]:
+        out = []
+        for row in rows:
+            params: dict[str, Any] = {f"k{i}": v for i, v in enumerate(row[:width])}
+            for i, (stored, op) in enumerate(zip(row[width:], ops, strict=True)):
+                params[f"s{i}"] = sketches.encoded_union(op, stored) if stored else None
+            out.append(params)
+        return out
+
+    updates = await asyncio.to_thread(unite)
+    if not updates:
+        return
+    keys = ["bucket", *dims]
+    await conn.execute(
+        text(
+            f"UPDATE {target} SET {', '.join(f'{c} = :s{i}' for i, c in enumerate(columns))} "  # noqa: S608
+            f"WHERE {' AND '.join(f'{k} = :k{i}' for i, k in enumerate(keys))}"
+        ),
+        updates,
+    )
 
 
 async def fill_coarse_tables_at(url: str, specs: Sequence[RollupSpec]) -> None:

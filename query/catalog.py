@@ -18,7 +18,7 @@ from schemas.api import DimensionInfo, MeasureInfo, RollupInfo, RollupList
 from schemas.rollups import GRANULARITIES, RollupSpec, granularity_rank
 from schemas.tables import rollup_table
 
-MERGE = {"count": "sum", "sum": "sum", "min": "min", "max": "max"}
+MERGE = {"count": "sum", "sum": "sum", "min": "min", "max": "max", "uniq": "union", "quantiles": "union"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +75,12 @@ def describe(spec: RollupSpec) -> RollupInfo:
         tables={g: spec.table_for(g) for g in spec.granularities},
         granularities=[g for g in GRANULARITIES if granularity_rank(g) >= granularity_rank(spec.granularity)],
         dimensions=[DimensionInfo(name=d.column, path=d.path) for d in spec.dimensions],
-        measures=[MeasureInfo(name=m.column, op=m.op, path=m.path, merge=MERGE[m.op]) for m in spec.measures],
+        measures=[
+            MeasureInfo(name=m.column, op=m.op, path=m.path, merge=MERGE[m.op], precision=m.precision)
+            for m in spec.measures
+        ],
+        fields=list(spec.offered_fields),
         where={k: list(v) for k, v in spec.where.items()},
-        filterable=[*spec.dimension_columns, *spec.measure_columns],
+        filterable=[*spec.dimension_columns, *spec.offered_fields],
         retention=spec.retention_text,
     )

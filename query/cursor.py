@@ -25,7 +25,7 @@ from core.problems import BadRequest
 from query.timerange import TimeRange, format_instant
 
 Kind = Literal["time", "text", "number"]
-Value = datetime | str | Decimal | int | None
+Value = datetime | str | Decimal | int | float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +49,10 @@ def _sign(payload: bytes, secret: str) -> bytes:
 def _plain(value: Value) -> str | int | None:
     if isinstance(value, datetime):
         return format_instant(value)
-    if isinstance(value, Decimal):
+    if isinstance(value, Decimal | int):  # an int: a distinct count (uniq_*)
         return str(value)
+    if isinstance(value, float):  # a percentile: its shortest exact spelling, read back as a Decimal
+        return repr(value)
     return value
 
 

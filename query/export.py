@@ -21,6 +21,7 @@ from core.db import ReadEngine
 from core.problems import Unavailable
 from query.catalog import Rollup, Source
 from query.cursor import Value
+from query.derived import finish
 from query.params import RollupQuery
 from query.planner import count_plan, plan
 from query.render import csv_header, csv_rows
@@ -70,6 +71,8 @@ async def open_export(
     must be done within `deadline` seconds."""
     total = None
     source = rollup.source(q)
+    if q.in_python:
+        return await _ranked_in_python(engine, gate, rollup, q, after, deadline=deadline)
     if q.total:
         async with database_errors(engine), bounded_connection(engine, deadline) as conn:
             counted = count_plan(rollup.spec, source.table, q, stored=source.granularity)
@@ -86,6 +89,37 @@ async def open_export(
             await chunks.aclose()
 
     return Export(body(), total)
+
+
+async def _ranked_in_python(
+    engine: ReadEngine,
+    gate: ExportGate,
+    rollup: Rollup,
+    q: RollupQuery,
+    after: Sequence[Value] | None,
+    *,
+    deadline: float,
+) -> Export:
+    """An export ordered or filtered by a sketch field: every group is needed to rank them, so the
+    rows are fetched and paged (query.derived) before the response starts, and sent in chunks."""
+    source = rollup.source(q)
+    gate.enter()
+    try:
+        metrics.query_computations.labels(q.rollup, "export").inc()
+        async with database_errors(engine), bounded_connection(engine, deadline) as conn:
+            stmt = plan(rollup.spec, source.table, q, after, stored=source.granularity)
+            page = finish(rollup.spec, q, (await conn.execute(stmt)).all(), after)
+    finally:
+        gate.leave()
+    rows = [r[:-1] for r in page.rows]
+    metrics.query_rows.labels(q.rollup).inc(len(rows))
+
+    async def body() -> AsyncIterator[bytes]:
+        yield csv_header(q) + csv_rows(q, rows[:CHUNK_ROWS])
+        for start in range(CHUNK_ROWS, len(rows), CHUNK_ROWS):
+            yield csv_rows(q, rows[start : start + CHUNK_ROWS])
+
+    return Export(body(), page.matched if q.total else None)
 
 
 async def _chunks(
@@ -108,10 +142,10 @@ async def _chunks(
                 head = csv_header(q)
                 while True:
                     with cut_after(driver, deadline):  # each chunk, not the whole transfer
-                        chunk = await result.fetchmany(CHUNK_ROWS)
+                        chunk = finish(spec, q, await result.fetchmany(CHUNK_ROWS)).rows
                     if not chunk:
                         break
-                    rows = [tuple(r)[:-1] for r in chunk]  # each row ends with its stored-row count
+                    rows = [r[:-1] for r in chunk]  # each row ends with its stored-row count
                     metrics.query_rows.labels(q.rollup).inc(len(rows))
                     yield head + csv_rows(q, rows)
                     head = b""

@@ -117,6 +117,9 @@ class RollupQuery:
     zone: str = "UTC"
     total: bool = False
     export: bool = False
+    # Ordered or filtered by a sketch field (uniq_*, p<NN>_*), which SQL cannot compute: the groups
+    # are ranked, filtered and paged in Python (query.derived), with the same semantics as SQL's.
+    in_python: bool = False
 
     def _time_key(self, expr: TimeExpr, aligned: datetime) -> str:
         return expr.canonical if expr.relative else format_instant(aligned)
@@ -231,14 +234,26 @@ def _granularity(spec: RollupSpec, value: str | None) -> str:
     return value
 
 
+def _is_measure(spec: RollupSpec, name: str) -> bool:
+    return spec.field(name) is not None
+
+
+def _measure_hint(spec: RollupSpec) -> str:
+    """The measure fields, and the pattern of the percentile ones when the rollup has quantiles."""
+    shown = ", ".join(f for f in spec.offered_fields if spec.field(f).kind != "percentile")  # type: ignore[union-attr]
+    columns = [c.removeprefix("quantiles_") for c in spec.sketch_columns if c.startswith("quantiles_")]
+    percentiles = ", ".join(f"p<1-99|999>_{c}" for c in columns)
+    return ", ".join(x for x in (shown, percentiles) if x)
+
+
 def _fields(spec: RollupSpec, value: str | None) -> tuple[str, ...]:
-    available = ("bucket", *spec.dimension_columns, *spec.measure_columns)
     if value is None:
-        return available
+        return ("bucket", *spec.dimension_columns, *spec.measure_fields)
     requested = _split("fields", value)
-    unknown = [f for f in requested if f not in available]
+    unknown = [f for f in requested if f != "bucket" and f not in spec.dimension_columns and not _is_measure(spec, f)]
     if unknown:
-        raise BadRequest(f"unknown field(s): {_show(unknown)}; available: {', '.join(available)}")
+        available = ", ".join(("bucket", *spec.dimension_columns, _measure_hint(spec)))
+        raise BadRequest(f"unknown field(s): {_show(unknown)}; available: {available}")
     return tuple(dict.fromkeys(requested))
 
 
@@ -246,15 +261,15 @@ def _filters(
     spec: RollupSpec, raw: dict[str, list[str]], limits: Limits
 ) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[tuple[str, tuple[Bound, ...]], ...]]:
     """`filter[dimension]=a,b` (one of the values) and `filter[measure]=gte:10,lt:20` (a range)."""
-    unknown = [c for c in raw if c not in spec.dimension_columns and c not in spec.measure_columns]
+    unknown = [c for c in raw if c not in spec.dimension_columns and not _is_measure(spec, c)]
     if unknown:
         raise BadRequest(
             f"unknown filter column(s): {_show(unknown)}; dimensions: {', '.join(spec.dimension_columns) or '-'}; "
-            f"measures: {', '.join(spec.measure_columns)}"
+            f"measures: {_measure_hint(spec)}"
         )
     dimensions, measures = [], []
     for column in sorted(raw):
-        if column in spec.measure_columns:
+        if column not in spec.dimension_columns:
             measures.append((column, _bounds(column, raw[column])))
             continue
         # Compared as the consumers store them: NUL (which Postgres text cannot hold) as U+FFFD.
@@ -289,14 +304,13 @@ def _order(
 ) -> tuple[OrderItem, ...]:
     items: list[OrderItem] = []
     if value is not None:
-        known = ("bucket", *spec.dimension_columns, *spec.measure_columns)
         unknown: list[str] = []
         unselected: list[str] = []
         for raw in _split("order", value):
             # `+col` arrives as ` col` when the client does not percent-encode the plus.
             descending = raw.startswith("-")
             column = raw[1:] if raw[:1] in "-+" else raw
-            if column not in known:
+            if column != "bucket" and column not in spec.dimension_columns and not _is_measure(spec, column):
                 unknown.append(raw)
             elif column not in fields:
                 unselected.append(column)
@@ -313,6 +327,11 @@ def _order(
     ordered = {i.column for i in items}
     # The group key is unique per row, so appending it makes the order total (keyset-safe).
     return (*items, *(OrderItem(c) for c in group if c not in ordered))
+
+
+def _sketch(spec: RollupSpec, name: str) -> bool:
+    field = spec.field(name)
+    return field is not None and field.sketch
 
 
 def _flag(name: str, value: str | None) -> bool:
@@ -351,7 +370,7 @@ def parse_query(spec: RollupSpec, items: Iterable[tuple[str, str]], limits: Limi
     fields = _fields(spec, singles.get("fields"))
     # Group key: bucket first (when selected), then dimensions in the order the client listed them.
     group = (*(("bucket",) if "bucket" in fields else ()), *(f for f in fields if f in spec.dimension_columns))
-    measures = tuple(f for f in fields if f in spec.measure_columns)
+    measures = tuple(f for f in fields if _is_measure(spec, f))
     filters, bounds = _filters(spec, raw_filters, limits)
     order = _order(spec, singles.get("order"), fields, group)
     fmt = singles.get("format", "json")
@@ -389,6 +408,7 @@ def parse_query(spec: RollupSpec, items: Iterable[tuple[str, str]], limits: Limi
         zone=zone.key if zone else "UTC",
         total=_flag("total", singles.get("total")),
         export=limit > limits.max_limit,
+        in_python=any(_sketch(spec, c) for c in (*(o.column for o in order), *(m for m, _ in bounds))),
     )
     _check_range(spec, q, limits)
     return q

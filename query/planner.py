@@ -35,11 +35,12 @@ from sqlalchemy import (
 from sqlalchemy.sql.expression import FromClause
 
 from query.cursor import Kind, Value
+from query.derived import ROWS, fetched_columns, measure_columns
 from query.params import Bound, OrderItem, RollupQuery
 from query.timerange import LOCAL_GRANULARITIES, nests, on_boundaries, parse_zone
 from schemas.rollups import GRANULARITIES, Granularity, RollupSpec
 
-ROWS = "stored rows"  # a space: no rollup column can be named so, so it never collides
+__all__ = ["ROWS", "count_plan", "grouped", "order_kinds", "plan", "stored_granularity"]
 
 _MERGE: dict[str, Callable[..., ColumnElement[object]]] = {
     "count": func.sum,
@@ -61,8 +62,9 @@ def order_kinds(spec: RollupSpec, order: Sequence[OrderItem]) -> tuple[Kind, ...
 
 
 def nullable(spec: RollupSpec, column: str) -> bool:
-    """Only merged sum/min/max can be NULL (every contributing value missing)."""
-    return column in spec.measure_columns and spec.measure(column).op != "count"
+    """Only merged sum/min/max, averages and percentiles can be NULL (every contributing value missing)."""
+    field = spec.field(column)
+    return field is not None and column != "count" and field.kind != "uniq"
 
 
 def stored_granularity(spec: RollupSpec, q: RollupQuery) -> Granularity:
@@ -109,9 +111,8 @@ def grouped(spec: RollupSpec, table: Table, q: RollupQuery, stored: str | None =
         expr = bucket_expr(stored, table, q.granularity, q.zone) if name == "bucket" else table.c[name]
         keys.append(expr)
         columns.append(expr.label(name))
-    for name in q.computed_measures:
-        merge = _MERGE[spec.measure(name).op]
-        columns.append(merge(table.c[name], type_=Numeric()).label(name))
+    for name in measure_columns(spec, q.computed_measures):
+        columns.append(_merged(spec, table, name).label(name))
     columns.append(func.count(type_=BigInteger()).label(ROWS))
     conditions = [table.c.bucket >= q.range.start, table.c.bucket < q.range.end]
     conditions += [table.c[dim].in_(values) for dim, values in q.filters]
@@ -120,6 +121,19 @@ def grouped(spec: RollupSpec, table: Table, q: RollupQuery, stored: str | None =
         return stmt.group_by(*keys)
     # Totals without a group key: an empty range is no row, not one row of NULLs.
     return stmt.having(func.count() > 0)
+
+
+def _merged(spec: RollupSpec, table: Table, name: str) -> ColumnElement[Any]:
+    """A measure field over the group's stored rows: count and sum by sum, min by min, max by max;
+    `avg_<col>` as sum/count; a sketch column's stored sketches gathered for query.derived to unite."""
+    if name in spec.sketch_columns:
+        column = table.c[name]
+        return func.array_agg(column).filter(column.isnot(None))
+    field = spec.field(name)
+    if field is not None and field.kind == "avg":
+        total, count = (func.sum(table.c[c], type_=Numeric()) for c in field.source)
+        return total / func.nullif(count, 0)
+    return _MERGE[spec.measure(name).op](table.c[name], type_=Numeric())
 
 
 def _same(column: ColumnElement[object], value: Value) -> ColumnElement[bool]:
@@ -175,7 +189,10 @@ def plan(
     fields, then `stored rows`; it fetches `limit + 1` rows so the caller knows whether a next
     page exists (an export fetches exactly `limit`)."""
     sub = grouped(spec, table, q, stored).subquery("sub")
-    stmt = select(*(sub.c[f] for f in q.fields), sub.c[ROWS]).where(*_in_bounds(sub, q.bounds))
+    fetched = select(*(sub.c[c] for c in fetched_columns(spec, q)), sub.c[ROWS])
+    if q.in_python:  # ordered or filtered by a sketch field: every group, paged by query.derived.finish
+        return fetched
+    stmt = fetched.where(*_in_bounds(sub, q.bounds))
     if cursor is not None:
         stmt = stmt.where(after(spec, sub, q.order, cursor))
     ordering = [(sub.c[o.column].desc() if o.descending else sub.c[o.column].asc()).nulls_last() for o in q.order]

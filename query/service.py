@@ -19,6 +19,7 @@ from query import cursor as cursors
 from query.cache_policy import Entry, Ttl, etag_for
 from query.catalog import Rollup
 from query.cursor import Value
+from query.derived import finish
 from query.params import RollupQuery
 from query.planner import count_plan, plan
 from query.render import render
@@ -139,8 +140,10 @@ async def run_query(
     async with database_errors(engine), bounded_connection(engine, deadline) as conn:
         metrics.db_pool_in_use.labels("query").set(engine.pool.checkedout())  # type: ignore[attr-defined]
         stmt = plan(rollup.spec, source.table, q, after, stored=source.granularity)
-        fetched: list[tuple[Any, ...]] = [tuple(r) for r in (await conn.execute(stmt)).all()]
-        if q.total:
+        page = finish(rollup.spec, q, (await conn.execute(stmt)).all(), after)
+        fetched = page.rows
+        total = page.matched if q.total else None
+        if q.total and total is None:
             counted = count_plan(rollup.spec, source.table, q, stored=source.granularity)
             total = int((await conn.execute(counted)).one()[0])
     # Each fetched row is the fields, then how many stored rows were merged into it.

@@ -37,7 +37,10 @@ class MeasureInfo(BaseModel):
     name: str
     op: str
     path: str | None
-    merge: str = Field(description="How the measure merges across buckets: sum, min or max.")
+    merge: str = Field(description="How the measure merges across buckets: sum, min, max or union (a sketch).")
+    precision: int | None = Field(
+        default=None, description="A sketch's precision: lg_k of a `uniq` HLL, k of a `quantiles` KLL."
+    )
 
 
 class RollupInfo(BaseModel):
@@ -60,6 +63,15 @@ class RollupInfo(BaseModel):
     granularities: list[str] = Field(description="Granularities this rollup can be queried at.")
     dimensions: list[DimensionInfo]
     measures: list[MeasureInfo]
+    fields: list[str] = Field(
+        default_factory=list,
+        description=(
+            "The measure fields a query may name: stored measures, `uniq_<col>` distinct counts, p50/p95/p99 "
+            "of each `quantiles` measure (any `p<1-99>_<col>` and `p999_<col>` may be asked for), and "
+            "`avg_<col>` (sum/count) where the rollup counts and sums. Without `fields`, all but the averages."
+        ),
+        examples=[["count", "sum_properties_amount", "uniq_user_id", "p50_properties_amount"]],
+    )
     where: dict[str, list[str]]
     filterable: list[str] = Field(
         description="Columns `filter[...]` accepts: dimensions (one of values) and measures (bounds)."

@@ -25,7 +25,11 @@ GRANULARITIES: tuple[Granularity, ...] = ("minute", "hour", "day", "week", "mont
 TABLE_GRANULARITIES: tuple[Granularity, ...] = ("minute", "hour", "day")
 GRANULARITY_MS: dict[str, int] = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
 
-MeasureOp = Literal["count", "sum", "min", "max"]
+MeasureOp = Literal["count", "sum", "min", "max", "uniq", "quantiles"]
+SKETCH_OPS: frozenset[str] = frozenset({"uniq", "quantiles"})
+# The quantile fields every `quantiles:<path>` offers when `fields` names none: p50, p95, p99.
+DEFAULT_PERCENTILES = ("p50", "p95", "p99")
+_PERCENTILE = re.compile(r"^p([1-9][0-9]?|999)_(.+)$")
 TOP_LEVEL_FIELDS = ("type", "source", "user_id", "session_id")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
@@ -80,10 +84,17 @@ class Dimension:
 
 @dataclass(frozen=True, slots=True)
 class Measure:
-    """`count`, or `sum|min|max` over a numeric path. All merge by addition or min/max."""
+    """`count`; `sum|min|max` over a numeric path (merge by addition or min/max); or a sketch
+    (schemas.sketches): `uniq` (distinct values, HLL of `precision` = lg_k) or `quantiles`
+    (numeric values, KLL of `precision` = k), which merge by union."""
 
     op: MeasureOp
     path: str | None = None
+    precision: int | None = None  # sketches only: lg_k for uniq, k for quantiles
+
+    @property
+    def is_sketch(self) -> bool:
+        return self.op in SKETCH_OPS
 
     @property
     def column(self) -> str:
@@ -99,7 +110,34 @@ class Measure:
 
     @property
     def declaration(self) -> str:
-        return "count" if self.op == "count" else f"{self.op}:{self.path}"
+        """As written in rollups.toml; a sketch's precision is part of it when not the default."""
+        if self.op == "count":
+            return "count"
+        text = f"{self.op}:{self.path}"
+        if self.precision is not None and self.precision != _DEFAULT_PRECISION.get(self.op):
+            text += f":{_PRECISION_KEY[self.op]}={self.precision}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """A measure field the query API offers, and where its value comes from.
+
+    `column`: a stored measure as it is (count, sum/min/max, `uniq_<col>`, whose value
+    is the distinct-count estimate of the union); `avg`: sum/count at query time;
+    `percentile`: the quantile at `rank` of the union of the `quantiles_<col>` sketches.
+    `source` names the stored columns it reads.
+    """
+
+    name: str
+    kind: Literal["column", "avg", "uniq", "percentile"]
+    source: tuple[str, ...]
+    rank: float = 0.0
+
+    @property
+    def sketch(self) -> bool:
+        """Computed in Python from sketches, so SQL can neither order nor filter by it."""
+        return self.kind in ("uniq", "percentile")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +208,49 @@ class RollupSpec:
                 return m
         raise KeyError(column)
 
+    @property
+    def measure_fields(self) -> tuple[str, ...]:
+        """The measure fields a query returns when `fields` is not given, in declaration order: each
+        stored non-sketch measure, `uniq_<col>`, and p50/p95/p99 of each `quantiles` measure."""
+        out: list[str] = []
+        for m in self.measures:
+            if m.op == "quantiles":
+                out += [f"{p}_{m.path_column}" for p in DEFAULT_PERCENTILES]
+            else:
+                out.append(m.column)
+        return tuple(out)
+
+    @property
+    def offered_fields(self) -> tuple[str, ...]:
+        """`measure_fields` and the averages, which a query must name (besides any `p<NN>_<col>`)."""
+        return (*self.measure_fields, *self.average_fields)
+
+    @property
+    def average_fields(self) -> tuple[str, ...]:
+        """`avg_<col>` for each `sum:<path>` of a rollup that also counts."""
+        if "count" not in self.measure_columns:
+            return ()
+        return tuple(f"avg_{m.path_column}" for m in self.measures if m.op == "sum")
+
+    @property
+    def sketch_columns(self) -> tuple[str, ...]:
+        return tuple(m.column for m in self.measures if m.is_sketch)
+
+    def field(self, name: str) -> Field | None:
+        """The measure field `name` (see `Field`), or None if this rollup offers no such field."""
+        for m in self.measures:
+            if m.column == name and m.op != "quantiles":
+                return Field(name, "uniq" if m.op == "uniq" else "column", (name,))
+        if name in self.average_fields:
+            column = name.removeprefix("avg_")
+            return Field(name, "avg", (f"sum_{column}", "count"))
+        match = _PERCENTILE.match(name)
+        if match and f"quantiles_{match[2]}" in self.sketch_columns:
+            digits = match[1]
+            rank = 0.999 if digits == "999" else int(digits) / 100
+            return Field(name, "percentile", (f"quantiles_{match[2]}",), rank)
+        return None
+
 
 def _check_path(path: object, what: str, rollup: str) -> str:
     if not isinstance(path, str) or not path:
@@ -187,15 +268,52 @@ def _check_path(path: object, what: str, rollup: str) -> str:
     return path
 
 
+# Sketch precision: HLL lg_k (4-21) and KLL k (8-65535), as DataSketches accepts them. The defaults
+# meet 1.48 % relative error and 0.68 % rank error at 99 % confidence (schemas.sketches).
+DEFAULT_LG_K = 15
+DEFAULT_K = 400
+_DEFAULT_PRECISION: dict[str, int] = {"uniq": DEFAULT_LG_K, "quantiles": DEFAULT_K}
+_PRECISION_KEY = {"uniq": "lg_k", "quantiles": "k"}
+_PRECISION_RANGE = {"uniq": (4, 21), "quantiles": (8, 65_535)}
+
+
 def _parse_measure(decl: object, rollup: str) -> Measure:
+    """`"count"`, `"<op>:<path>"`, or a sketch with its precision: `"uniq:user_id:lg_k=16"`,
+    `{ uniq = "user_id", lg_k = 16 }`, `{ quantiles = "properties.amount", k = 800 }`."""
     if decl == "count":
         return Measure("count")
+    if isinstance(decl, dict):
+        decl = _measure_text(decl, rollup)
     if not isinstance(decl, str) or ":" not in decl:
         raise RollupSpecError(f"rollup {rollup!r}: measure {decl!r} must be 'count' or '<op>:<path>'")
     op, path = decl.split(":", 1)
-    if op not in ("sum", "min", "max"):
-        raise RollupSpecError(f"rollup {rollup!r}: measure op {op!r} must be sum, min or max")
-    return Measure(op, _check_path(path, "measure path", rollup))  # type: ignore[arg-type]
+    if op not in ("sum", "min", "max", "uniq", "quantiles"):
+        raise RollupSpecError(f"rollup {rollup!r}: measure op {op!r} must be sum, min, max, uniq or quantiles")
+    precision = None
+    if op in SKETCH_OPS:
+        key = _PRECISION_KEY[op]
+        path, _, given = path.partition(f":{key}=")
+        lo, hi = _PRECISION_RANGE[op]
+        if given and (not given.isdigit() or not lo <= int(given) <= hi):
+            raise RollupSpecError(f"rollup {rollup!r}: {op} {key} {given!r} must be an integer from {lo} to {hi}")
+        precision = int(given) if given else _DEFAULT_PRECISION[op]
+    return Measure(op, _check_path(path, "measure path", rollup), precision)  # type: ignore[arg-type]
+
+
+def _measure_text(decl: dict[str, Any], rollup: str) -> str:
+    """`{ uniq = "user_id", lg_k = 16 }` as the string form `uniq:user_id:lg_k=16`."""
+    ops = [k for k in decl if k in SKETCH_OPS]
+    if len(ops) != 1:
+        raise RollupSpecError(f"rollup {rollup!r}: measure table {decl!r} must name one of uniq or quantiles")
+    op = ops[0]
+    key = _PRECISION_KEY[op]
+    extra = sorted(set(decl) - {op, key})
+    if extra:
+        raise RollupSpecError(f"rollup {rollup!r}: measure table {decl!r} has unknown key(s) {extra}; {op} takes {key}")
+    precision = decl.get(key)
+    if precision is not None and (type(precision) is not int):
+        raise RollupSpecError(f"rollup {rollup!r}: {op} {key} must be an integer, got {precision!r}")
+    return f"{op}:{decl[op]}" + ("" if precision is None else f":{key}={precision}")
 
 
 def parse_retention(value: object, rollup: str, granularity: str) -> timedelta:
@@ -319,7 +437,7 @@ def parse_rollup(raw: Mapping[str, Any]) -> RollupSpec:
     retention_raw = raw.get("retention")
     retention = None if retention_raw is None else parse_retention(retention_raw, name, granularity)
     spec = RollupSpec(name, granularity, dimensions, measures, where, retention, granularities)
-    columns = ["bucket", *spec.dimension_columns, *spec.measure_columns]
+    columns = ["bucket", *spec.dimension_columns, *spec.measure_columns, *spec.average_fields]
     duplicates = sorted({c for c in columns if columns.count(c) > 1})
     if duplicates:
         raise RollupSpecError(f"rollup {name!r}: columns collide: {', '.join(duplicates)}")

@@ -78,6 +78,8 @@ def rollup_table(spec: RollupSpec, metadata: MetaData, granularity: str | None =
     for m in spec.measures:
         if m.op == "count":
             columns.append(Column(m.column, BigInteger, nullable=False))
+        elif m.is_sketch:  # schemas.sketches' bytes; NULL: no value seen in the row
+            columns.append(Column(m.column, LargeBinary, nullable=True))
         else:
             columns.append(Column(m.column, Numeric, nullable=True))
     table = Table(name, metadata, *columns, PrimaryKeyConstraint(*spec.key_columns))

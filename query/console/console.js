@@ -94,12 +94,13 @@
   }
 
   /** Rows of (bucket, [split], measure) as uPlot columns: one x per bucket, one series per value.
-   *  A bucket with no row is 0 for a measure that merges by sum (nothing counted), else a gap. */
+   *  A bucket with no row is 0 for a measure that merges by sum or is a distinct count (nothing
+   *  counted), else a gap (a min, max, average or percentile of nothing). */
   function pivot(rows, split, measure, values, merge) {
     const xs = [...new Set(rows.map((r) => Date.parse(r.bucket) / 1000))].sort((a, b) => a - b);
     const index = new Map(xs.map((x, i) => [x, i]));
     const keys = split ? values : [null];
-    const fill = merge === "sum" ? 0 : null;
+    const fill = merge === "sum" || merge === "union" ? 0 : null;
     const columns = keys.map(() => xs.map(() => fill));
     const column = new Map(keys.map((k, i) => [k, i]));
     for (const r of rows) {
@@ -307,8 +308,16 @@
     return rollups;
   }
 
+  /** What a user can chart: every field the API offers (stored measures, distinct counts, percentiles,
+   *  averages), each with how it merges ("union" for a distinct count; "none" for a computed one). */
+  function chartable(rollup) {
+    const stored = new Map(rollup.measures.map((m) => [m.name, m.merge]));
+    const names = rollup.fields?.length ? rollup.fields : rollup.measures.map((m) => m.name);
+    return names.map((name) => ({ name, merge: stored.get(name) ?? "none" }));
+  }
+
   function viewFor(rollup, params) {
-    const measures = rollup.measures.map((m) => m.name);
+    const measures = chartable(rollup).map((m) => m.name);
     const dims = rollup.dimensions.map((d) => d.name);
     const granularity = params.get("granularity");
     const defaultGranularity = rollup.granularities.includes("hour") ? "hour" : rollup.granularity;
@@ -336,7 +345,7 @@
     $("rollup-list").replaceChildren(...rollups.map((r) => {
       const button = el("button", { type: "button", "aria-pressed": String(r.name === selected), "data-rollup": r.name },
         r.name, el("span", { class: "detail",
-          text: `${plural(r.dimensions.length, "dimension")} · ${plural(r.measures.length, "measure")} · ${r.granularity}` }));
+          text: `${plural(r.dimensions.length, "dimension")} · ${plural(chartable(r).length, "measure")} · ${r.granularity}` }));
       button.addEventListener("click", () => writeHash(viewFor(r, new URLSearchParams())));
       return el("li", {}, button);
     }));
@@ -350,7 +359,7 @@
   function renderControls(rollup, view) {
     const form = $("query-form");
     form.hidden = false;
-    fillSelect($("measure"), rollup.measures.map((m) => [m.name, m.name]), view.measure);
+    fillSelect($("measure"), chartable(rollup).map((m) => [m.name, m.name]), view.measure);
     fillSelect($("granularity"), rollup.granularities.map((g) => [g, g]), view.granularity);
     fillSelect($("split"), [["", "(no split)"], ...rollup.dimensions.map((d) => [d.name, d.name])], view.split);
     $("from").value = view.from;
@@ -415,7 +424,7 @@
 
   async function runQuery(rollup, view) {
     const mine = ++generation;
-    const measure = rollup.measures.find((m) => m.name === view.measure);
+    const measure = chartable(rollup).find((m) => m.name === view.measure);
     const calls = plan(view, measure.name);
     const status = $("result-status");
     showStatus(status, "Querying…");
