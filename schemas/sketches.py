@@ -8,9 +8,11 @@ events', a coarse row's the union of its base rows', a query group's the union o
 stored rows' (never an average of estimates).
 
 HLL unions are order-independent and idempotent: the union of any split of the same
-values has the same registers, so after any crash sequence the estimate equals the
-estimate of one sketch of every counted value. KLL merges are not bit-for-bit
-order-independent (compaction picks items at random), only within its rank error.
+values has the same registers, and every stored HLL is estimated from its registers alone
+(`encode`), so after any crash sequence a row's estimate equals that of one sketch of
+every counted value, stored. KLL merges are not bit-for-bit order-independent
+(compaction picks items at random): its count, least and greatest values are exact,
+its quantiles within its rank error.
 
 Bounds (DataSketches' own figures, `uniq_error`/`quantile_error`): an HLL of `lg_k`
 has a relative standard error of 1.04/sqrt(2^lg_k) once unioned (lg_k 15: 0.574 %, so
@@ -25,7 +27,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import datasketches as ds
+import numpy as np
 
+_ONE_BY_ONE: Final = 8  # up to this many values, one update call each is cheaper than an array
 Z_99: Final = 2.5758  # standard deviations of a two-sided 99 % interval
 
 Uniq = ds.hll_sketch
@@ -43,9 +47,16 @@ def new_uniq(lg_k: int, values: Iterable[str]) -> ds.hll_sketch:
     return sketch
 
 
-def new_quantiles(k: int, values: Iterable[float]) -> ds.kll_doubles_sketch:
+def new_quantiles(k: int, values: Sequence[float]) -> ds.kll_doubles_sketch:
     """A KLL of the numbers as doubles; an integer beyond a double's range is left out (it has no double)."""
     sketch = ds.kll_doubles_sketch(k)
+    if len(values) > _ONE_BY_ONE:
+        try:
+            sketch.update(np.array(values, dtype=np.float64))  # one call: half the cost from ~10 values
+        except OverflowError:
+            pass
+        else:
+            return sketch
     update = sketch.update
     for value in values:
         try:
@@ -90,10 +101,24 @@ def merged(sketches: Sequence[Any]) -> Any:
     return out
 
 
+# The HLL preamble's flags byte, and its out-of-order bit (DataSketches' OUT_OF_ORDER_FLAG_MASK).
+_HLL_FLAGS: Final = 5
+_HLL_OUT_OF_ORDER: Final = 0x10
+
+
 def encode(sketch: Any) -> bytes:
-    """The stored bytes: HLL compact serialization (HLL_8), KLL serialization."""
+    """The stored bytes: HLL compact serialization (HLL_8), KLL serialization.
+
+    Every stored HLL is marked out of order, the state a union leaves: its estimate is then
+    a function of its registers alone (the composite estimator), never of the order values
+    arrived in (the HIP estimator a sketch keeps while it is fed directly). Registers are the
+    same for any split of the same values, so a row's distinct count is the same whether its
+    events came in one batch or in many, across any crashes and retries in between.
+    """
     if isinstance(sketch, ds.hll_sketch):
-        return bytes(sketch.serialize_compact())
+        data = bytearray(sketch.serialize_compact())
+        data[_HLL_FLAGS] |= _HLL_OUT_OF_ORDER
+        return bytes(data)
     return bytes(sketch.serialize())
 
 
