@@ -13,6 +13,7 @@ export (a 503 before the first row, a cut-off body after it) and frees its slot.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from core.db import ReadEngine
 from core.problems import Unavailable
 from query.catalog import Rollup, Source
 from query.cursor import Value
-from query.derived import finish
+from query.derived import finish, plain
 from query.params import RollupQuery
 from query.planner import count_plan, plan
 from query.render import csv_header, csv_rows
@@ -108,7 +109,7 @@ async def _ranked_in_python(
         metrics.query_computations.labels(q.rollup, "export").inc()
         async with database_errors(engine), bounded_connection(engine, deadline) as conn:
             stmt = plan(rollup.spec, source.table, q, after, stored=source.granularity)
-            page = finish(rollup.spec, q, (await conn.execute(stmt)).all(), after)
+            page = await asyncio.to_thread(finish, rollup.spec, q, (await conn.execute(stmt)).all(), after)
     finally:
         gate.leave()
     rows = [r[:-1] for r in page.rows]
@@ -142,7 +143,12 @@ async def _chunks(
                 head = csv_header(q)
                 while True:
                     with cut_after(driver, deadline):  # each chunk, not the whole transfer
-                        chunk = finish(spec, q, await result.fetchmany(CHUNK_ROWS)).rows
+                        fetched = await result.fetchmany(CHUNK_ROWS)
+                    chunk = (
+                        finish(spec, q, fetched).rows
+                        if plain(spec, q)
+                        else (await asyncio.to_thread(finish, spec, q, fetched)).rows
+                    )
                     if not chunk:
                         break
                     rows = [r[:-1] for r in chunk]  # each row ends with its stored-row count

@@ -19,7 +19,7 @@ from query import cursor as cursors
 from query.cache_policy import Entry, Ttl, etag_for
 from query.catalog import Rollup
 from query.cursor import Value
-from query.derived import finish
+from query.derived import finish, plain
 from query.params import RollupQuery
 from query.planner import count_plan, plan
 from query.render import render
@@ -140,7 +140,11 @@ async def run_query(
     async with database_errors(engine), bounded_connection(engine, deadline) as conn:
         metrics.db_pool_in_use.labels("query").set(engine.pool.checkedout())  # type: ignore[attr-defined]
         stmt = plan(rollup.spec, source.table, q, after, stored=source.granularity)
-        page = finish(rollup.spec, q, (await conn.execute(stmt)).all(), after)
+        fetched_rows = (await conn.execute(stmt)).all()
+        if plain(rollup.spec, q):
+            page = finish(rollup.spec, q, fetched_rows, after)
+        else:  # sketches to unite (and maybe groups to rank): CPU work, off the event loop
+            page = await asyncio.to_thread(finish, rollup.spec, q, fetched_rows, after)
         fetched = page.rows
         total = page.matched if q.total else None
         if q.total and total is None:
