@@ -10,6 +10,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import datasketches as ds
+
+from schemas.rollups import DEFAULT_LG_K
+
 Row = dict[str, Any]
 Key = tuple[Any, ...]
 
@@ -54,6 +58,21 @@ def events_by_type(events: Iterable[dict[str, Any]], granularity: str = "minute"
     return rows
 
 
+def sketches_by_type(events: Iterable[dict[str, Any]], granularity: str = "minute") -> dict[Key, Row]:
+    """Per events_by_type row: one HLL of its user ids built here (`users`), and its numeric amounts
+    as doubles (`amounts`), what its `uniq_user_id` and `quantiles_properties_amount` must hold."""
+    rows: dict[Key, Row] = {}
+    for e in events:
+        key = (floor(event_time(e), granularity), e["type"], e.get("source", ""))
+        row = rows.setdefault(key, {"users": ds.hll_sketch(DEFAULT_LG_K, ds.tgt_hll_type.HLL_8), "amounts": []})
+        if e.get("user_id") is not None:
+            row["users"].update(e["user_id"])
+        amount = _amount(e)
+        if amount is not None:
+            row["amounts"].append(float(amount))
+    return rows
+
+
 def page_views(events: Iterable[dict[str, Any]], granularity: str = "minute") -> dict[Key, Row]:
     rows: dict[Key, Row] = {}
     for e in events:
@@ -76,6 +95,8 @@ def make_events(rng: random.Random, n: int, now_ms: int, *, span_ms: int = 3 * 3
         }
         if rng.random() < 0.9:
             event["source"] = rng.choice(["web", "ios", "android"])
+        if rng.random() < 0.8:
+            event["user_id"] = f"u{rng.randrange(400)}"
         props: dict[str, Any] = {}
         if rng.random() < 0.9:
             props["country"] = rng.choice(["US", "DE", "IN", "BR"])
@@ -97,10 +118,12 @@ def make_events(rng: random.Random, n: int, now_ms: int, *, span_ms: int = 3 * 3
 
 
 def invalid_events(rng: random.Random) -> list[Any]:
-    return rng.choice([
-        [{"type": "has space"}],
-        [{"type": "x", "ts": "yesterday"}],
-        [{"nope": 1}],
-        ["not an object"],
-        [{"type": "x", "ts": 0}],
-    ])
+    return rng.choice(
+        [
+            [{"type": "has space"}],
+            [{"type": "x", "ts": "yesterday"}],
+            [{"nope": 1}],
+            ["not an object"],
+            [{"type": "x", "ts": 0}],
+        ]
+    )

@@ -145,7 +145,7 @@ async def test_explore_shows_the_api_numbers_in_chart_and_table(
             await page.click("#rollup-list button[data-rollup=events_by_type]", timeout=WAIT_MS)
             await page.locator("#query-form").wait_for(state="visible")
             assert await page.locator("#rollup-list button[aria-pressed=true]").inner_text() == \
-                "events_by_type\n2 dimensions · 4 measures · minute"
+                "events_by_type\n2 dimensions · 9 measures · minute"
             await page.fill("#from", start.isoformat().replace("+00:00", "Z"))
             await page.fill("#to", end.isoformat().replace("+00:00", "Z"))
             await page.select_option("#measure", "count")
@@ -210,6 +210,34 @@ async def test_explore_shows_the_api_numbers_in_chart_and_table(
                     ["Time (UTC)", bucket_text(r["bucket"]).removesuffix(" UTC")],
                     ["sum_properties_amount", shown(r["sum_properties_amount"])],
                 ]
+
+            # A sketch measure charts like any other: distinct users per hour and type, the types ranked by
+            # their distinct users over the range (a union, not a sum of the hours), exactly (few users).
+            users: dict[tuple[datetime, str], set[str]] = defaultdict(set)
+            for e in events:
+                if e.get("user_id") is not None:
+                    users[oracle.floor(oracle.event_time(e), "hour"), e["type"]].add(e["user_id"])
+            ranged: dict[str, set[str]] = defaultdict(set)
+            for (_, type_), seen in users.items():
+                ranged[type_] |= seen
+            top2 = sorted(ranged, key=lambda t: (-len(ranged[t]), t))[:2]
+            await page.select_option("#measure", "uniq_user_id")
+            await page.select_option("#split", "type")
+            await page.fill("#top", "2")
+            await page.click("#query-form button[type=submit]")
+            await wait_for_series(page, "fields=type,uniq_user_id&order=-uniq_user_id&limit=2&")
+            urls = await api_urls(page)
+            top = await api_json(urls["Top values"], key)
+            assert top["data"] == [{"type": t, "uniq_user_id": len(ranged[t])} for t in top2]
+            series = await api_json(urls["Series"], key)
+            assert series["data"] == [
+                {"bucket": b.strftime("%Y-%m-%dT%H:%M:%SZ"), "type": t, "uniq_user_id": len(seen)}
+                for (b, t), seen in sorted(users.items()) if t in top2
+            ]
+            assert await table(page) == [
+                ["bucket", "type", "uniq_user_id"],
+                *[[bucket_text(r["bucket"]), r["type"], shown(r["uniq_user_id"])] for r in series["data"]],
+            ]
 
             # Split by source: a missing source is "(none)" (asked for as an empty value); a value
             # with a comma cannot be asked for, and the status says it was left out.

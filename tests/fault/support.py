@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import datasketches as ds
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from core.devstack import EmbeddedServer
 from core.settings import Settings
+from schemas import sketches
 from tests import oracle
 from tests.e2e.conftest import expected_events_by_type, table_rows
 from tests.integration.consumer_helpers import stored_offsets
@@ -376,6 +378,41 @@ async def assert_rollups_exact(settings: Settings, events: Sequence[Event], why:
     assert by_type == expected_events_by_type(list(events)), why
     views = await table_rows(url, "agg_page_views", ["properties_country", "properties_path"], ["count"])
     assert views == {k: {"count": v["count"]} for k, v in oracle.page_views(events).items()}, why
+    for granularity in ("minute", "day"):
+        await assert_sketches_exact(url, events, granularity, why)
+
+
+async def assert_sketches_exact(url: str, events: Sequence[Event], granularity: str, why: str = "") -> None:
+    """Every events_by_type row's distinct-user HLL has exactly the estimate of one sketch of its
+    events' user ids (an HLL union is order-independent, so no crash sequence may change it), and
+    its amounts KLL holds exactly as many values, with the same least and greatest."""
+    table = "agg_events_by_type" + ("" if granularity == "minute" else f"__{granularity}")
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            f"SELECT bucket, type, source, uniq_user_id, quantiles_properties_amount FROM {table}"
+        )
+    finally:
+        await conn.close()
+    want = oracle.sketches_by_type(events, granularity)
+    assert {(r["bucket"], r["type"], r["source"]) for r in rows} == set(want), why
+    for r in rows:
+        w = want[(r["bucket"], r["type"], r["source"])]
+        if w["users"].is_empty():
+            assert r["uniq_user_id"] is None, why
+        else:
+            got = sketches.decode_uniq(r["uniq_user_id"]).get_estimate()
+            one = sketches.decode_uniq(sketches.encode(w["users"])).get_estimate()  # one sketch, stored as Tally does
+            assert got == one, f"{table} {tuple(r)[:3]}: {why}"
+        if not w["amounts"]:
+            assert r["quantiles_properties_amount"] is None, why
+        else:
+            kll = ds.kll_doubles_sketch.deserialize(r["quantiles_properties_amount"])
+            assert (kll.n, kll.get_min_value(), kll.get_max_value()) == (
+                len(w["amounts"]),
+                min(w["amounts"]),
+                max(w["amounts"]),
+            ), f"{table} {tuple(r)[:3]}: {why}"
 
 
 def with_ids(events: list[Event], rng: random.Random) -> list[Event]:

@@ -24,7 +24,7 @@ def with_rollups(settings: Settings, tmp: Path, body: str, **overrides: Any) -> 
 async def rebucketed(conn: asyncpg.Connection, spec: RollupSpec, granularity: str) -> list[tuple[Any, ...]]:
     """The base table re-bucketed by SQL: what the `granularity` table must hold."""
     dims = [f'"{c}"' for c in spec.dimension_columns]
-    aggs = [f'{_OP[m.op]}("{m.column}")' for m in spec.measures]
+    aggs = [f'{_OP[m.op]}("{m.column}")' for m in spec.measures if not m.is_sketch]  # sketches: SQL cannot unite
     keys = ", ".join(["1", *(str(i + 2) for i in range(len(dims)))])
     rows = await conn.fetch(
         f"SELECT date_trunc('{granularity}', bucket, 'UTC'), {', '.join([*dims, *aggs])} "
@@ -34,7 +34,8 @@ async def rebucketed(conn: asyncpg.Connection, spec: RollupSpec, granularity: st
 
 
 async def stored(conn: asyncpg.Connection, spec: RollupSpec, granularity: str) -> list[tuple[Any, ...]]:
-    columns = ", ".join(f'"{c}"' for c in ("bucket", *spec.dimension_columns, *spec.measure_columns))
+    plain = [m.column for m in spec.measures if not m.is_sketch]
+    columns = ", ".join(f'"{c}"' for c in ("bucket", *spec.dimension_columns, *plain))
     keys = ", ".join(str(i + 1) for i in range(1 + len(spec.dimension_columns)))
     rows = await conn.fetch(f'SELECT {columns} FROM "{spec.table_for(granularity)}" ORDER BY {keys}')
     return [tuple(r) for r in rows]

@@ -12,7 +12,7 @@ import pytest
 
 from core.settings import Settings
 from tests.integration.query_support import (
-    ALL_FIELDS,
+    DEFAULT_FIELDS,
     WHOLE,
     Row,
     exact,
@@ -41,10 +41,13 @@ async def test_list_rollups(migrated: Settings) -> None:
     assert [d["name"] for d in events["dimensions"]] == ["type", "source"]
     assert {m["name"]: m["merge"] for m in events["measures"]} == {
         "count": "sum", "sum_properties_amount": "sum", "min_properties_amount": "min",
-        "max_properties_amount": "max",
+        "max_properties_amount": "max", "uniq_user_id": "union", "quantiles_properties_amount": "union",
     }
-    assert events["filterable"] == ["type", "source", "count", "sum_properties_amount", "min_properties_amount",
-                                    "max_properties_amount"]
+    assert [m["precision"] for m in events["measures"]] == [None, None, None, None, 15, 400]
+    fields = ["count", "sum_properties_amount", "min_properties_amount", "max_properties_amount", "uniq_user_id",
+              "p50_properties_amount", "p95_properties_amount", "p99_properties_amount", "avg_properties_amount"]
+    assert events["fields"] == fields
+    assert events["filterable"] == ["type", "source", *fields]
     assert events["retention"] is None  # nothing is deleted yet: buckets are kept indefinitely
     assert by_name["page_views"]["where"] == {"type": ["page_view"]}
     assert [d["name"] for d in by_name["page_views"]["dimensions"]] == ["properties_country", "properties_path"]
@@ -57,12 +60,12 @@ async def test_rebucketing_is_exact(loaded: tuple[Settings, list[Row]], granular
         response = await http.get(PATH, params={**WHOLE, "granularity": granularity})
     assert response.status_code == 200, response.text
     doc = exact(response)
-    want = sort_rows(expected(rows, granularity, ALL_FIELDS, START, END), ["bucket", "type", "source"])
+    want = sort_rows(expected(rows, granularity, DEFAULT_FIELDS, START, END), ["bucket", "type", "source"])
     assert doc["data"] == wire(want)
     assert doc["next_cursor"] is None
     assert doc["meta"]["granularity"] == granularity
     assert doc["meta"]["rows"] == len(want)
-    assert doc["meta"]["fields"] == list(ALL_FIELDS)
+    assert doc["meta"]["fields"] == list(DEFAULT_FIELDS)
     assert doc["meta"]["from"] == wire([{"from": trunc(START, granularity)}])[0]["from"]  # floored
 
 
@@ -78,7 +81,8 @@ async def test_range_alignment(loaded: tuple[Settings, list[Row]]) -> None:
             "fields": "bucket,count"}))
     lo, hi = datetime(2026, 3, 29, 10, tzinfo=UTC), datetime(2026, 3, 31, 6, tzinfo=UTC)
     assert (hourly["meta"]["from"], hourly["meta"]["to"]) == ("2026-03-29T10:00:00Z", "2026-03-31T06:00:00Z")
-    assert hourly["data"] == wire(sort_rows(expected(rows, "hour", ALL_FIELDS, lo, hi), ["bucket", "type", "source"]))
+    hours = expected(rows, "hour", DEFAULT_FIELDS, lo, hi)
+    assert hourly["data"] == wire(sort_rows(hours, ["bucket", "type", "source"]))
     assert (weekly["meta"]["from"], weekly["meta"]["to"]) == ("2026-03-23T00:00:00Z", "2026-03-30T00:00:00Z")
     week = expected(rows, "week", ["bucket", "count"], datetime(2026, 3, 23, tzinfo=UTC),
                     datetime(2026, 3, 30, tzinfo=UTC))
@@ -113,7 +117,7 @@ async def test_filters(loaded: tuple[Settings, list[Row]]) -> None:
         missing_source = exact(await http.get(PATH, params={**WHOLE, "fields": "type,count",
                                                             "filter[source]": ""}))
         nothing = exact(await http.get(PATH, params={**WHOLE, "filter[type]": "x') OR 1=1 --"}))
-    want = expected(rows, "hour", ALL_FIELDS, START, END, {"type": ["buy", "click"], "source": ["web"]})
+    want = expected(rows, "hour", DEFAULT_FIELDS, START, END, {"type": ["buy", "click"], "source": ["web"]})
     assert picked["data"] == wire(sort_rows(want, ["bucket", "type", "source"]))
     assert picked["meta"]["filters"] == {"source": ["web"], "type": ["buy", "click"]}
     assert missing_source["data"] == sort_rows(
@@ -154,7 +158,7 @@ async def test_order_limit_offset(loaded: tuple[Settings, list[Row]]) -> None:
 async def test_cursor_walk_visits_every_row_once(loaded: tuple[Settings, list[Row]], params: dict[str, str],
                                                  order: list[str]) -> None:
     settings, rows = loaded
-    fields = params.get("fields", ",".join(ALL_FIELDS)).split(",")
+    fields = params.get("fields", ",".join(DEFAULT_FIELDS)).split(",")
     filters = {"type": params["filter[type]"].split(",")} if "filter[type]" in params else None
     want = wire(sort_rows(expected(rows, params["granularity"], fields, START, END, filters), order))
     async with query_api(settings) as http:
