@@ -103,7 +103,11 @@ def bucket_expr(stored: str, table: Table, granularity: str, zone: str = "UTC") 
     )
 
 
-def grouped(spec: RollupSpec, table: Table, q: RollupQuery, stored: str | None = None) -> Select[*tuple[Any, ...]]:
+def grouped(
+    spec: RollupSpec, table: Table, q: RollupQuery, stored: str | None = None, measures: Sequence[str] | None = None
+) -> Select[*tuple[Any, ...]]:
+    """The rows of `q` grouped and merged: its group key and `measures` (default: every measure it
+    computes), then `stored rows`."""
     stored = stored or spec.granularity
     columns: list[ColumnElement[Any]] = []
     keys: list[ColumnElement[object]] = []
@@ -111,7 +115,7 @@ def grouped(spec: RollupSpec, table: Table, q: RollupQuery, stored: str | None =
         expr = bucket_expr(stored, table, q.granularity, q.zone) if name == "bucket" else table.c[name]
         keys.append(expr)
         columns.append(expr.label(name))
-    for name in measure_columns(spec, q.computed_measures):
+    for name in measure_columns(spec, q.computed_measures if measures is None else measures):
         columns.append(_merged(spec, table, name).label(name))
     columns.append(func.count(type_=BigInteger()).label(ROWS))
     conditions = [table.c.bucket >= q.range.start, table.c.bucket < q.range.end]
@@ -204,7 +208,7 @@ def count_plan(
     spec: RollupSpec, table: Table, q: RollupQuery, *, stored: str | None = None
 ) -> Select[*tuple[Any, ...]]:
     """`total=true`: how many rows the whole query matches, and how many stored rows they merge."""
-    sub = grouped(spec, table, q, stored).subquery("sub")
+    sub = grouped(spec, table, q, stored, [m for m, _ in q.bounds]).subquery("sub")  # no sketch is gathered to count
     return select(func.count(type_=BigInteger()), func.coalesce(func.sum(sub.c[ROWS]), 0, type_=BigInteger())).where(
         *_in_bounds(sub, q.bounds)
     )
