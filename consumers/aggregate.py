@@ -278,7 +278,7 @@ def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None
         keys = list(zip(slots, *dims, strict=True))
         counts = Counter(keys)
     numeric_paths = {j for op, j in plan.ops if op not in (_COUNT, _UNIQ)}
-    uniq_paths = {j for op, j in plan.ops if op == _UNIQ}
+    uniq_ops = [(i, j, plan.precisions[i]) for i, (op, j) in enumerate(plan.ops) if op == _UNIQ]
     numbers: list[dict[Key, list[Any]]] = []
     for j, path in enumerate(plan.value_paths):
         values = pick(columns.raw(path))
@@ -293,10 +293,12 @@ def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None
                     else:
                         found.append(value)
         numbers.append(grouped)
-    uniques = {j: _distinct_by_key(keys, pick(columns.raw(plan.value_paths[j]))) for j in uniq_paths}
+    uniques = {
+        (j, lg_k): _uniq_by_key(keys, pick(columns.raw(plan.value_paths[j])), lg_k)
+        for _, j, lg_k in uniq_ops
+    }
     count_at = [i for i, (op, _) in enumerate(plan.ops) if op == _COUNT]
     numeric_ops = [(i, op, j) for i, (op, j) in enumerate(plan.ops) if op not in (_COUNT, _UNIQ)]
-    uniq_ops = [(i, j, plan.precisions[i]) for i, (op, j) in enumerate(plan.ops) if op == _UNIQ]
     empty = plan.empty()
     buckets: dict[int, datetime] = {}
     for key, n in counts.items():
@@ -315,26 +317,30 @@ def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None
             if found is not None:
                 cell[i] = _combine(op, cell[i], _reduce(op, found, plan.precisions[i]))
         for i, j, lg_k in uniq_ops:
-            found = uniques[j].get(key)
-            if found is not None:
-                cell[i] = _combine(_UNIQ, cell[i], sketches.new_uniq(lg_k, found))
+            sketch = uniques[j, lg_k].get(key)
+            if sketch is not None:
+                cell[i] = _combine(_UNIQ, cell[i], sketch)
     return cells
 
 
-def _distinct_by_key(keys: list[Key], values: list[Any]) -> dict[Key, list[str]]:
-    """Per row key, the distinct values at a `uniq` path as their dimension text (None: no value)."""
+def _uniq_by_key(keys: list[Key], values: list[Any], lg_k: int) -> dict[Key, Any]:
+    """Per row key, the HLL of the distinct values at a `uniq` path, as their dimension text (None: no value).
+
+    One pass over the distinct (key, value) pairs (a set, built in C) that creates and feeds each
+    row's sketch: a row's repeated values are hashed into it once.
+    """
     distinct = _strings(values)
     if distinct is None or None in distinct:
         values = [v if v is None or type(v) is str else stringify(v) for v in values]
-    out: dict[Key, list[str]] = {}
+    out: dict[Key, Any] = {}
+    found = out.get
     for key, value in set(zip(keys, values, strict=True)):
         if value is None:
             continue
-        found = out.get(key)
-        if found is None:
-            out[key] = [value]
-        else:
-            found.append(value)
+        sketch = found(key)
+        if sketch is None:
+            sketch = out[key] = sketches.new_uniq(lg_k, ())
+        sketch.update(value)
     return out
 
 
