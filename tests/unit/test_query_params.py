@@ -15,6 +15,8 @@ NOW = datetime(2026, 11, 25, 13, 37, 42, tzinfo=UTC)
 LIMITS = Limits(default_limit=1_000, max_limit=10_000, max_offset=100_000)
 SPEC = {s.name: s for s in load_rollups(DEFAULT_ROLLUPS)}["events_by_type"]
 MEASURES = ("count", "sum_properties_amount", "min_properties_amount", "max_properties_amount")
+# The shipped rollup's sketch measures, as a query without `fields` returns them.
+SKETCH_FIELDS = ("uniq_user_id", "p50_properties_amount", "p95_properties_amount", "p99_properties_amount")
 
 
 def parse(query: dict[str, str] | list[tuple[str, str]], spec: RollupSpec = SPEC) -> RollupQuery:
@@ -31,9 +33,10 @@ def error(query: dict[str, str] | list[tuple[str, str]], spec: RollupSpec = SPEC
 def test_defaults() -> None:
     q = parse({})
     assert q.granularity == "minute"
-    assert q.fields == ("bucket", "type", "source", *MEASURES)
+    assert q.fields == ("bucket", "type", "source", *MEASURES, *SKETCH_FIELDS)
     assert q.group == ("bucket", "type", "source")
-    assert q.measures == MEASURES
+    assert q.measures == (*MEASURES, *SKETCH_FIELDS)
+    assert not q.in_python  # ordered by the group key: SQL pages it
     assert q.order == (OrderItem("bucket"), OrderItem("type"), OrderItem("source"))
     assert (q.limit, q.offset, q.cursor, q.format) == (1_000, 0, None, "json")
     assert q.range.start == datetime(2026, 11, 24, 13, 37, tzinfo=UTC)
@@ -168,3 +171,18 @@ def test_csv_exports_may_exceed_a_page() -> None:
     assert not parse({"format": "csv", "limit": "10000"}).export
     assert "'limit' must be an integer from 1 to 10000" in error({"limit": "250000"})
     assert "'limit' must be an integer from 1 to 1000000" in error({"format": "csv", "limit": "1000001"})
+
+
+def test_sketch_and_average_fields() -> None:
+    q = parse({"fields": "type,uniq_user_id,p999_properties_amount,avg_properties_amount",
+               "order": "-p999_properties_amount", "filter[uniq_user_id]": "gte:2"})
+    assert q.measures == ("uniq_user_id", "p999_properties_amount", "avg_properties_amount")
+    assert q.in_python  # SQL cannot order or filter by an estimate
+    assert q.computed_measures == q.measures
+    assert not parse({"fields": "type,avg_properties_amount", "order": "-avg_properties_amount"}).in_python
+    with pytest.raises(BadRequest) as caught:
+        parse({"fields": "quantiles_properties_amount,p100_properties_amount"})
+    assert str(caught.value.detail).startswith(
+        "unknown field(s): 'quantiles_properties_amount', 'p100_properties_amount'; available: bucket, type, source, "
+        "count, sum_properties_amount, min_properties_amount, max_properties_amount, uniq_user_id, "
+        "avg_properties_amount, p<1-99|999>_properties_amount")
