@@ -108,7 +108,12 @@ async def test_backup_mid_stream_restores_a_consistent_snapshot_and_replay_is_ex
     directory = tmp_path / "backup"
     async with running(settings) as (_, task):
         load = asyncio.create_task(producer())
-        while sum((await stored_offsets(settings)).values()) < 20:  # the consumer is well under way
+        # The consumer is well under way: every partition has started (so the snapshot's registry holds
+        # every rollup start the original will) and 20 records are applied.
+        while True:
+            offsets = await stored_offsets(settings)
+            if sum(offsets.values()) >= 20 and len([o for o in offsets.values() if o]) == 4:  # `send`: 4 partitions
+                break
             assert not task.done() and not load.done()
             await asyncio.sleep(0.05)
         code, out = await tally(settings, "backup", str(directory))  # while records flow and batches commit

@@ -57,6 +57,8 @@ async def test_migrate_creates_tables_indexes_and_topics(settings: Settings) -> 
             ("sum_properties_amount", "numeric"),
             ("min_properties_amount", "numeric"),
             ("max_properties_amount", "numeric"),
+            ("uniq_user_id", "bytea"),  # DataSketches HLL (schemas.sketches)
+            ("quantiles_properties_amount", "bytea"),  # DataSketches KLL
         ]
         indexes = {
             r["indexname"]: r["indexdef"]
