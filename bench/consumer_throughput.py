@@ -39,7 +39,9 @@ in a fresh database, so that the shared machine's drift moves a figure and its l
 together. With dedup on, (c) runs with dedup too, unless --no-dedup-limits (the quick suite).
 
 Then, optionally: the consumer with TALLY_DEDUP on (--dedup-shapes), and N consumer processes
-in one group on the live shape (--processes; against the 1-process live figure).
+in one group on the live shape (--processes; against the 1-process live figure), and (--sketches)
+the live shape with the default rollups less their sketch measures (uniq:, quantiles:), right
+after the one with them: what the sketches cost (target >= 0.7, issue 19).
 
 Ratios (bench.suite gates them): live consumer events/s / read-only events/s (target >= 0.5,
 goal >= 200k ev/s); spread consumer rows/s / COPY rows/s (target >= 0.5); dedup on / off on
@@ -84,8 +86,9 @@ from core.db import write_engine
 from core.demo import DAY_MS, demo_event
 from core.migrate import migrate_database
 from core.settings import Settings
-from schemas import envelope
+from schemas import envelope, sketches
 from schemas.events import InvalidEvent, normalize_event
+from schemas.rollups import RollupSpec
 
 
 def decoded_events(record: Any) -> int:
@@ -267,8 +270,15 @@ async def copy_limit(settings: Settings, batches: list[PreparedBatch]) -> float:
             )
             tables[plan.name] = (name, columns)
         # The rows as records, built before timing: the limit is what Postgres takes, not our Python.
+        # Sketch measures as the bytes the consumer stores (schemas.sketches).
+        sketched = {p.name: [m.is_sketch for m in p.spec.measures] for p in plans}
+
+        def stored(rollup: str, values: Sequence[Any]) -> tuple[Any, ...]:
+            return tuple(sketches.encode(v) if s and v is not None else v
+                         for s, v in zip(sketched[rollup], values, strict=True))
+
         records = [
-            [(tables[rollup], [(*key, *values) for key, values in cells.items()])
+            [(tables[rollup], [(*key, *stored(rollup, values)) for key, values in cells.items()])
              for rollup, cells in batch.aggregates.items() if cells]
             for batch in batches
         ]
@@ -631,6 +641,10 @@ async def run(args: argparse.Namespace, kafka_url: str, admin_url: str, tmp: Pat
         t = time.perf_counter()
         row["shapes"][shape] = await shape_run(args, admin_url, topic, tmp)
         row["seconds"][shape] = round(time.perf_counter() - t, 1)
+        if shape == "live" and args.sketches:
+            t = time.perf_counter()
+            row["sketches"] = await sketch_cost(topic, admin_url, tmp, args.batch, row["shapes"]["live"])
+            row["seconds"]["sketches"] = round(time.perf_counter() - t, 1)
     if args.processes and "live" in topics:
         topic = topics["live"]
         one = row["shapes"]["live"]["dedup_off"]
@@ -653,14 +667,55 @@ async def run(args: argparse.Namespace, kafka_url: str, admin_url: str, tmp: Pat
     return row
 
 
+def without_sketches(specs: Sequence[RollupSpec], path: Path) -> Path:
+    """A rollups file of `specs` less their sketch measures (a rollup of sketches alone is left out)."""
+    def toml(value: Any) -> str:
+        return json.dumps(value)  # a JSON string or list of strings is TOML as well
+
+    blocks = []
+    for spec in specs:
+        measures = [m.declaration for m in spec.measures if not m.is_sketch]
+        if not measures:
+            continue
+        lines = ["[[rollup]]", f"name = {toml(spec.name)}", f"granularities = {toml(list(spec.granularities))}",
+                 f"dimensions = {toml([d.path for d in spec.dimensions])}", f"measures = {toml(measures)}"]
+        if spec.where:
+            lines.append("where = { " + ", ".join(f"{toml(k)} = {toml(list(v))}" for k, v in spec.where.items()) + " }")
+        blocks.append("\n".join(lines))
+    path.write_text("\n\n".join(blocks) + "\n")
+    return path
+
+
+async def sketch_cost(topic: Topic, admin_url: str, tmp: Path, per_record: int, live: dict[str, Any]) -> dict[str, Any]:
+    """The live topic applied by a consumer whose rollups lack the sketch measures, beside the one
+    with them (`live`, measured just before)."""
+    with_sketches = live["dedup_off"]
+    plain = without_sketches(topic.settings.rollups, tmp / "rollups-without-sketches.toml")
+    async with fresh_database(admin_url) as url:
+        s = Settings(**{**topic.settings.model_dump(), "rollups_file": plain, "postgres_url": url,
+                        "consumer_group": "bench-live-no-sketches"})
+        applied = await consumer_run(s, topic.ends, per_record, 1, tmp)
+    return {
+        "sketch_measures": [m.declaration for spec in topic.settings.rollups for m in spec.measures if m.is_sketch],
+        "with_events_per_s": with_sketches["consumer_events_per_s"],
+        "with_cpu_us_per_event": with_sketches["consumer_cpu_us_per_event"],
+        "without_events_per_s": round(applied.events_per_s),
+        "without_cpu_us_per_event": round(1e6 * applied.cpu_cores / applied.events_per_s, 2),
+        "without_measured_events": applied.window_events,
+        "without_measured_seconds": round(applied.window_s, 2),
+        "ratio": round(with_sketches["consumer_events_per_s"] / applied.events_per_s, 3),
+    }
+
+
 def measure(*, live_events: int = 600_000, spread_events: int = 300_000, batch: int = 100, fsync: bool = True,
             shapes: Sequence[str] = SHAPES, dedup_shapes: Sequence[str] = ("live", "spread"),
             processes: Sequence[int] = (2,), read_repeats: int = 3, limit_runs: int = 2,
-            dedup_limits: bool = True, tmp: Path | None = None) -> dict[str, Any]:
+            dedup_limits: bool = True, sketches: bool = True, tmp: Path | None = None) -> dict[str, Any]:
     """Start a broker and Postgres, run the benchmark, stop them; the figures."""
     args = argparse.Namespace(live_events=live_events, spread_events=spread_events, batch=batch, no_fsync=not fsync,
                               shapes=tuple(shapes), dedup_shapes=tuple(dedup_shapes), processes=tuple(processes),
-                              read_repeats=read_repeats, limit_runs=limit_runs, dedup_limits=dedup_limits)
+                              read_repeats=read_repeats, limit_runs=limit_runs, dedup_limits=dedup_limits,
+                              sketches=sketches)
     tmp = tmp or Path(tempfile.mkdtemp(prefix="tally-bench-"))
     broker = devstack.kafka(devstack.free_port()).start()
     postgres = devstack.postgres(tmp / "pg" / "data", devstack.free_port(), durable=fsync).start()
@@ -721,6 +776,12 @@ def report(row: dict[str, Any]) -> list[str]:
         lines.append(f"-- {n} consumer processes, one group, live shape: {p['consumer_events_per_s']:,} events/s, "
                      f"{p['ratio_to_one_process']:.3f} of 1 process ({p['measured_events']:,} events in "
                      f"{p['measured_seconds']} s, from {p['window_from']})")
+    if "sketches" in row:
+        k = row["sketches"]
+        lines.append(f"-- live shape, default rollups with / without {', '.join(k['sketch_measures'])}: "
+                     f"{k['with_events_per_s']:,} / {k['without_events_per_s']:,} events/s = {k['ratio']:.3f} "
+                     f"(target >= 0.7); consumer CPU {k['with_cpu_us_per_event']:.2f} / "
+                     f"{k['without_cpu_us_per_event']:.2f} µs/event")
     lines.append("seconds: " + ", ".join(f"{k} {v}" for k, v in row["seconds"].items()))
     return lines
 
@@ -740,12 +801,14 @@ def main() -> None:
     parser.add_argument("--limit-runs", type=int, default=2, help="runs of limits (b) and (c); the mean is the limit")
     parser.add_argument("--no-dedup-limits", action="store_true",
                         help="with dedup on, the consumer only (no Postgres direct with dedup beside it)")
+    parser.add_argument("--no-sketches", action="store_true",
+                        help="skip the live run with the default rollups less their sketch measures")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     row = measure(live_events=args.live_events, spread_events=args.spread_events, batch=args.batch,
                   fsync=not args.no_fsync, shapes=args.shapes, dedup_shapes=args.dedup_shapes,
                   processes=args.processes, read_repeats=args.read_repeats, limit_runs=args.limit_runs,
-                  dedup_limits=not args.no_dedup_limits)
+                  dedup_limits=not args.no_dedup_limits, sketches=not args.no_sketches)
     for line in report(row):
         print(line)
     if args.json:

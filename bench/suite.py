@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import consumer_throughput, freshness, ingest_throughput, long_range, query_latency, refusal
+from bench import consumer_throughput, freshness, ingest_throughput, long_range, query_latency, refusal, sketch_query
 from bench.procs import Foreign
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +58,7 @@ class Mode:
     query: dict[str, Any]
     refusal: dict[str, Any]
     long_range: dict[str, Any] | None = None  # full suite only: seeding a year takes minutes the first time
+    sketch_query: dict[str, Any] | None = None  # full suite only: seeding 446k rows of sketches takes ~20 s
 
 
 QUICK = Mode(
@@ -81,6 +82,7 @@ FULL = Mode(
     query={"rows": 7 * 24 * 60 * 150, "seconds": 10.0, "concurrency": 8, "rounds": 3},
     refusal={"requests": 2000},
     long_range={"runs": 30},
+    sketch_query={"runs": 30},
 )
 
 
@@ -247,6 +249,14 @@ def consumer_figures(row: dict[str, Any]) -> list[Figure]:
             out.append(Figure("consumer", "live, dedup on", on["consumer_events_per_s"], "ev/s",
                               "live, dedup off", rate, key="consumer_live_dedup_vs_off", conditions=cond,
                               target=">= 0.6", met=ratio >= 0.6))
+        if "sketches" in row:
+            k = row["sketches"]
+            out.append(Figure("consumer", "live, with sketch measures", k["with_events_per_s"], "ev/s",
+                              "live, without them", k["without_events_per_s"], key="consumer_sketches_vs_without",
+                              conditions=f"{cond}; the default rollups with and without "
+                                         f"{', '.join(k['sketch_measures'])}; CPU {k['with_cpu_us_per_event']:.2f} / "
+                                         f"{k['without_cpu_us_per_event']:.2f} µs/event",
+                              target=">= 0.7", met=k["ratio"] >= 0.7))
         for n, p in row.get("processes", {}).items():
             ratio = p["consumer_events_per_s"] / p["one_process_events_per_s"]
             target = ">= 1.6" if n == "2" else ""
@@ -349,6 +359,23 @@ def long_range_figures(row: dict[str, Any]) -> list[Figure]:
     ]
 
 
+def sketch_query_figures(row: dict[str, Any]) -> list[Figure]:
+    """Issue 19: an uncached 30-day daily uniq_user_id query, beside the same query of `count` and its SQL."""
+    http, sql = row["http"], row["sql"]
+    cond = (f"{row['uniq_sketches_fetched']} HLLs (lg_k {row['precision']['lg_k']}, "
+            f"{row['uniq_sketch_bytes_fetched'] / 1e6:.1f} MB) united into {row['result_rows']['uniq']} days; "
+            f"no-cache, sequential, {http['uniq']['runs']} runs")
+    return [
+        Figure("sketch_query", "30 d daily uniq_user_id GET uncached, p50", http["uniq"]["p50_ms"], "ms",
+               "the same query of count, p50", http["count"]["p50_ms"], better="lower",
+               key="sketch_uniq_p50_vs_count", conditions=cond,
+               detail=f"SQL alone {sql['uniq']['p50_ms']:.1f} ms"),
+        Figure("sketch_query", "30 d daily uniq_user_id GET uncached, p50", http["uniq"]["p50_ms"], "ms",
+               "its SQL alone, p50", sql["uniq"]["p50_ms"], better="lower", key="sketch_uniq_p50_vs_sql",
+               conditions=cond),
+    ]
+
+
 def refusal_figures(row: dict[str, Any]) -> list[Figure]:
     return [Figure("refusal", "503 when saturated, p50", row["refusal_p50_ms"], "ms", "/healthz round trip, p50",
                    row["healthz_p50_ms"], better="lower", key="refusal_p50_vs_healthz",
@@ -397,6 +424,8 @@ def run_suite(mode: Mode, only: set[str] | None, log: Callable[[str], None]) -> 
         ("query", lambda: query_latency.run(**mode.query)),
         ("refusal", lambda: refusal.run(**mode.refusal)),
         *([("long_range", lambda: long_range.run(**(mode.long_range or {})))] if mode.long_range is not None else []),
+        *([("sketch_query", lambda: sketch_query.run(**(mode.sketch_query or {})))]
+          if mode.sketch_query is not None else []),
     ]
     for name, step in steps:
         if only and name not in only:
@@ -428,6 +457,8 @@ def run_suite(mode: Mode, only: set[str] | None, log: Callable[[str], None]) -> 
         run.figures += refusal_figures(rows["refusal"])
     if "long_range" in rows:
         run.figures += long_range_figures(rows["long_range"])
+    if "sketch_query" in rows:
+        run.figures += sketch_query_figures(rows["sketch_query"])
     run.figures += memory_figures(rows.get("ingest"), rows.get("freshness"))
     return run
 

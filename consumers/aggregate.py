@@ -31,14 +31,14 @@ event-by-event original that tests/unit/test_consumer_columns.py holds this to.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from functools import reduce
 from itertools import compress, repeat
-from operator import attrgetter, floordiv
+from operator import attrgetter, call, floordiv
 from typing import Any, Final
 
 from consumers.view import View, attribute, keys_of, no_properties
@@ -294,7 +294,7 @@ def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None
                         found.append(value)
         numbers.append(grouped)
     uniques = {
-        (j, lg_k): _uniq_by_key(keys, pick(columns.raw(plan.value_paths[j])), lg_k)
+        (j, lg_k): _uniq_by_key(keys, pick(columns.raw(plan.value_paths[j])), lg_k, counts.keys())
         for _, j, lg_k in uniq_ops
     }
     count_at = [i for i, (op, _) in enumerate(plan.ops) if op == _COUNT]
@@ -323,25 +323,26 @@ def aggregate_rollup(plan: RollupPlan, columns: Columns, mask: list[bool] | None
     return cells
 
 
-def _uniq_by_key(keys: list[Key], values: list[Any], lg_k: int) -> dict[Key, Any]:
-    """Per row key, the HLL of the distinct values at a `uniq` path, as their dimension text (None: no value).
+def _uniq_by_key(keys: list[Key], values: list[Any], lg_k: int, rows: Iterable[Key]) -> dict[Key, Any]:
+    """Per row key, the HLL of the values at a `uniq` path as their dimension text (None: no value).
 
-    One pass over the distinct (key, value) pairs (a set, built in C) that creates and feeds each
-    row's sketch: a row's repeated values are hashed into it once.
+    `rows` are the batch's row keys (every key in `keys`). Each event's value is hashed into its
+    row's sketch in C loops (`map`), not a Python loop: a repeated value is hashed again, which an
+    HLL ignores, and costs less than finding the distinct pairs first.
     """
     distinct = _strings(values)
-    if distinct is None or None in distinct:
+    if distinct is None:
         values = [v if v is None or type(v) is str else stringify(v) for v in values]
-    out: dict[Key, Any] = {}
-    found = out.get
-    for key, value in set(zip(keys, values, strict=True)):
-        if value is None:
-            continue
-        sketch = found(key)
-        if sketch is None:
-            sketch = out[key] = sketches.new_uniq(lg_k, ())
-        sketch.update(value)
+    if distinct is None or None in distinct:
+        present = [v is not None for v in values]
+        keys, values = list(compress(keys, present)), list(compress(values, present))
+        rows = set(keys)
+    out = {key: sketches.new_uniq(lg_k, ()) for key in rows}
+    deque(map(call, map(_UPDATE, map(out.__getitem__, keys)), values), maxlen=0)
     return out
+
+
+_UPDATE: Final = attrgetter("update")
 
 
 def plan_keys(plans: Iterable[RollupPlan]) -> frozenset[str]:
