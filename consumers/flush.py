@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,6 +33,12 @@ from consumers.sql import ADVANCE_OFFSET, COPY_MIN_ROWS, RECORD_STARTS, Upsert, 
 from core import metrics
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+async def _now(function: Callable[[Cells], _T], cells: Cells) -> _T:
+    """`function(cells)` on the event loop: `asyncio.to_thread`'s shape for work too small to hand off."""
+    return function(cells)
 
 
 class _Fenced(Exception):
@@ -105,14 +111,17 @@ class Flusher:
                     cells = tables.get(up.table)
                     if not cells:
                         continue
+                    # Sketches are encoded to bytes on the way: CPU, so off the event loop.
+                    encode = asyncio.to_thread if up.sketch_at else _now
                     if len(cells) < COPY_MIN_ROWS:
-                        result = await conn.execute(up.statement, up.params(cells))
+                        result = await conn.execute(up.statement, await encode(up.params, cells))
                     else:
                         # Every time, in this transaction: after the first it is a catalog look-up, and a
                         # batch rolled back with the table's creation in it cannot leave the next without one.
                         await conn.execute(up.create_stage)
                         driver: Any = (await conn.get_raw_connection()).driver_connection
-                        await driver.copy_records_to_table(up.stage, records=up.records(cells), columns=up.columns)
+                        records = await encode(up.records, cells)
+                        await driver.copy_records_to_table(up.stage, records=records, columns=up.columns)
                         result = await conn.execute(up.from_stage)
                     if up.set_sketches is not None:  # the rows are locked by the upsert: unite and write
                         stored = result.all()

@@ -10,10 +10,14 @@ so that concurrent consumers lock rows in the same order and do not deadlock eac
 
 Sketch measures (uniq, quantiles) cannot be merged in SQL without an extension, so a
 table holding them is read, merged and written under the row locks of the same
-transaction: the upsert leaves the sketch columns alone (NULL in a new row) and
-RETURNs each row's stored sketches, already locked by it; the flush unites them with
-the batch's (`merged_sketches`) and `set_sketches` writes the unions. Locking is the
-upsert's, in key order, so the deadlock argument above holds unchanged.
+transaction. The upsert inserts a new row with the batch's sketches and, on conflict,
+leaves an existing row's sketches as they are; it RETURNs, per row, whether it inserted
+it (`xmax = 0`: an inserted tuple has no locker; the version a DO UPDATE writes carries
+the updating transaction's lock) and the stored sketches, already locked by it. The flush
+unites the batch's sketches into the existing rows' (`merged_sketches`) and `set_sketches`
+writes those unions: a row new in this batch costs no second write (a backfill's rows
+mostly are). Locking is the upsert's, in key order, so the deadlock argument above holds
+unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from sqlalchemy import TextClause, text
 from consumers.aggregate import Cells, RollupPlan
 from schemas import sketches
 
-_PG_TYPE = {"count": "bigint", "sum": "numeric", "min": "numeric", "max": "numeric"}
+_PG_TYPE = {"count": "bigint", "sum": "numeric", "min": "numeric", "max": "numeric", "uniq": "bytea",
+            "quantiles": "bytea"}
+_SKETCH = frozenset({"uniq", "quantiles"})
 
 # Fenced twice: by the stored offset (a zombie after a rebalance) and by the rollup
 # registry's version (a consumer started with another rollups file).
@@ -79,32 +85,29 @@ class Upsert:
     plan: RollupPlan
     table: str  # the table written: the rollup's base table or one of its coarser ones
     statement: TextClause  # INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT [RETURNING sketches]
-    columns: tuple[str, ...]  # the columns written by the upsert: key, then the non-sketch measures
-    stage: str  # a temporary table of the table's columns, emptied at every commit
+    columns: tuple[str, ...]  # the table's columns, in the cells' order (key, then measures)
+    stage: str  # a temporary table of the same columns, emptied at every commit
     create_stage: TextClause
     from_stage: TextClause  # INSERT ... SELECT FROM stage ... ON CONFLICT [RETURNING sketches]
     sketch_at: tuple[int, ...] = ()  # positions of the sketch measures in a cell's values
     set_sketches: TextClause | None = None  # UPDATE ... FROM unnest(keys, unions)
 
-    @property
-    def _plain(self) -> tuple[int, ...] | None:
-        """Positions of the measures the upsert writes, or None when it writes all of them."""
-        if not self.sketch_at:
-            return None
-        return tuple(i for i in range(len(self.plan.ops)) if i not in self.sketch_at)
-
     def _values(self, cells: Cells) -> list[tuple[Any, ...]]:
-        plain = self._plain
-        if plain is None:
+        """The cells' measures as stored: sketches as their bytes (CPU: callers run it off the loop)."""
+        if not self.sketch_at:
             return list(map(tuple, cells.values()))
-        return [tuple(v[i] for i in plain) for v in cells.values()]
+        at = frozenset(self.sketch_at)
+        return [
+            tuple(sketches.encode(v) if i in at and v is not None else v for i, v in enumerate(values))
+            for values in cells.values()
+        ]
 
     def params(self, cells: Cells) -> dict[str, list[Any]]:
         """Column arrays for `unnest` (transposed in C, not cell by cell; Postgres sorts them)."""
         width = len(self.columns)
         if not cells:
             return {f"c{i}": [] for i in range(width)}
-        values = cells.values() if self._plain is None else self._values(cells)
+        values = cells.values() if not self.sketch_at else self._values(cells)
         columns = [*zip(*cells.keys(), strict=True), *zip(*values, strict=True)]
         return {f"c{i}": list(column) for i, column in enumerate(columns)}
 
@@ -113,21 +116,24 @@ class Upsert:
         return list(map(tuple.__add__, cells.keys(), self._values(cells)))
 
     def merged_sketches(self, cells: Cells, stored: Sequence[Sequence[Any]]) -> dict[str, list[Any]]:
-        """`set_sketches`' arrays: per row the batch touched with a sketch, the stored sketches
-        (`stored`: the upsert's RETURNING rows, key then sketch bytes or NULL) united with the
-        batch's, encoded. A column the batch has no value for keeps its stored bytes."""
+        """`set_sketches`' arrays: for each row the upsert found existing (`stored`: its RETURNING
+        rows, key, then whether it inserted the row, then the stored sketch bytes or NULL) and the
+        batch has a sketch for, the stored sketches united with the batch's, encoded. A column the
+        batch has no value for keeps its stored bytes; a row the upsert inserted holds the batch's."""
         width = len(self.plan.spec.key_columns)
-        found = {tuple(row[:width]): row[width:] for row in stored}
         ops = [self.plan.spec.measures[i].op for i in self.sketch_at]
         keys: list[tuple[Any, ...]] = []
         unions: list[list[bytes | None]] = [[] for _ in self.sketch_at]
-        for key, values in cells.items():
+        for row in stored:
+            if row[width]:  # inserted: it holds the batch's sketches already
+                continue
+            key = tuple(row[:width])
+            values = cells[key]
             new = [values[i] for i in self.sketch_at]
             if all(v is None for v in new):
                 continue
-            old = found.get(key) or (None,) * len(new)
             keys.append(key)
-            for column, op, mine, theirs in zip(unions, ops, new, old, strict=True):
+            for column, op, mine, theirs in zip(unions, ops, new, row[width + 1 :], strict=True):
                 if mine is None:
                     column.append(None if theirs is None else bytes(theirs))
                 elif theirs is None:
@@ -153,12 +159,13 @@ def upsert(plan: RollupPlan, granularity: str | None = None) -> Upsert:
     name = spec.table_for(granularity or spec.granularity)
     table = quote(name)
     keys = [quote(c) for c in spec.key_columns]
-    measures = [(quote(m.column), m.op) for m in spec.measures if not m.is_sketch]
+    measures = [(quote(m.column), m.op) for m in spec.measures]
     sketch_columns = [quote(m.column) for m in spec.measures if m.is_sketch]
     columns = [*keys, *(c for c, _ in measures)]
     types = ["timestamptz", *["text"] * len(spec.dimensions), *[_PG_TYPE[op] for _, op in measures]]
     arrays = ", ".join(f"CAST(:c{i} AS {t}[])" for i, t in enumerate(types))
-    updates = ", ".join(f"{col} = {_merge_expression(table, col, op)}" for col, op in measures)
+    # On conflict a sketch column keeps its stored bytes: the flush unites the batch's into them.
+    updates = ", ".join(f"{col} = {_merge_expression(table, col, op)}" for col, op in measures if op not in _SKETCH)
     if not updates:  # sketches only: the upsert still locks and returns the row, changing nothing
         updates = f"{sketch_columns[0]} = {table}.{sketch_columns[0]}"
     # Rows go in key order, so that concurrent consumers lock rows in the same order and do not
@@ -166,7 +173,7 @@ def upsert(plan: RollupPlan, granularity: str | None = None) -> Upsert:
     order = ", ".join(str(i + 1) for i in range(len(keys)))
     merge = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
     stage = f"tally_stage_{name.removeprefix('agg_')}"  # one per table: `tally_stage_<name>[__<granularity>]`
-    returning = f" RETURNING {', '.join([*keys, *sketch_columns])}" if sketch_columns else ""
+    returning = f" RETURNING {', '.join([*keys, '(xmax = 0)', *sketch_columns])}" if sketch_columns else ""
     set_sketches = None
     if sketch_columns:
         key_types = ["timestamptz", *["text"] * len(spec.dimensions)]
