@@ -373,6 +373,14 @@ async def test_queries_unite_the_matching_rows_sketches_at_every_granularity_and
         text = (await http.get("/v1/rollups/sk", params={**params, "format": "csv", "limit": "1000"})).text
         parsed = list(csv.DictReader(io.StringIO(text)))
         assert {(r["bucket"], r["type"]): int(r["uniq_user_id"]) for r in parsed} == want_rows
+        # An export (more rows than a page) ranked by a sketch field: streamed after ranking, counted first.
+        export = await http.get(
+            "/v1/rollups/sk", params={**params, "format": "csv", "limit": "100000", "total": "true"}
+        )
+        assert export.headers["x-cache"] == "stream" and export.headers["x-total-count"] == str(len(want_rows))
+        exported = list(csv.DictReader(io.StringIO(export.text)))
+        assert [int(r["uniq_user_id"]) for r in exported] == [r["uniq_user_id"] for r in rows]  # the walk's order
+        assert {(r["bucket"], r["type"]): int(r["uniq_user_id"]) for r in exported} == want_rows
         # An unknown percentile is a 400 that names it.
         bad = await http.get("/v1/rollups/sk", params={"fields": "p100_properties_amount"})
         assert bad.status_code == 400 and "p100_properties_amount" in bad.text
