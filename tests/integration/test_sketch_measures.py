@@ -311,6 +311,23 @@ async def test_queries_unite_the_matching_rows_sketches_at_every_granularity_and
             # Within twice KLL's rank error at 99 % (tests/unit/test_sketch_accuracy.py holds the bound itself).
             at = bisect.bisect_left(amounts, row[field]) / len(amounts)
             assert abs(at - rank) <= 2 * kll.normalized_rank_error(False) + 1 / len(amounts), (field, at)
+        # Months from the day table (re-bucketed at query time): each month's union.
+        months = exact(
+            await http.get(
+                "/v1/rollups/sk",
+                params={
+                    "from": "2026-10-01T00:00:00Z",
+                    "to": "2027-01-01T00:00:00Z",
+                    "granularity": "month",
+                    "fields": "bucket,uniq_user_id,count",
+                },
+            )
+        )
+        assert months["meta"]["table_granularity"] == "day"
+        per_month: dict[str, set[str]] = defaultdict(set)
+        for e in events:
+            per_month[_floor(e["ts"], "day").strftime("%Y-%m-01T00:00:00Z")].add(e["user"])
+        assert {r["bucket"]: r["uniq_user_id"] for r in months["data"]} == {m: len(u) for m, u in per_month.items()}
         # Per type, filtered to web, ordered by the sketch field descending: exact distinct counts.
         by_type = exact(
             await http.get(
