@@ -30,10 +30,16 @@ from sqlalchemy import TextClause, text
 
 from consumers.aggregate import Cells, RollupPlan
 from schemas import sketches
+from schemas.rollups import SKETCH_OPS
 
-_PG_TYPE = {"count": "bigint", "sum": "numeric", "min": "numeric", "max": "numeric", "uniq": "bytea",
-            "quantiles": "bytea"}
-_SKETCH = frozenset({"uniq", "quantiles"})
+_PG_TYPE = {
+    "count": "bigint",
+    "sum": "numeric",
+    "min": "numeric",
+    "max": "numeric",
+    "uniq": "bytea",
+    "quantiles": "bytea",
+}
 
 # Fenced twice: by the stored offset (a zombie after a rebalance) and by the rollup
 # registry's version (a consumer started with another rollups file).
@@ -165,7 +171,7 @@ def upsert(plan: RollupPlan, granularity: str | None = None) -> Upsert:
     types = ["timestamptz", *["text"] * len(spec.dimensions), *[_PG_TYPE[op] for _, op in measures]]
     arrays = ", ".join(f"CAST(:c{i} AS {t}[])" for i, t in enumerate(types))
     # On conflict a sketch column keeps its stored bytes: the flush unites the batch's into them.
-    updates = ", ".join(f"{col} = {_merge_expression(table, col, op)}" for col, op in measures if op not in _SKETCH)
+    updates = ", ".join(f"{col} = {_merge_expression(table, col, op)}" for col, op in measures if op not in SKETCH_OPS)
     if not updates:  # sketches only: the upsert still locks and returns the row, changing nothing
         updates = f"{sketch_columns[0]} = {table}.{sketch_columns[0]}"
     # Rows go in key order, so that concurrent consumers lock rows in the same order and do not
