@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install promtool infra-tools browser dev test test-fast soak lint format clean bench bench-quick profile screenshots
+.PHONY: install promtool infra-tools browser client-check dev test test-fast soak lint format clean bench bench-quick profile screenshots
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,10 +49,22 @@ dev: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check core schemas ingest consumers query
+	$(BIN)/ruff format --check core schemas ingest consumers query client tests/client
 	$(BIN)/mypy
+	$(BIN)/mypy --strict client/tally_client
 
-test: lint browser
+# The producer SDK (client/) is its own distributable: `pip install ./client` into a fresh venv must
+# install it alone, nothing of the server's dependencies (issue 20). Built from a copy, so that
+# setuptools leaves no build/ or egg-info in client/.
+client-check:
+	rm -rf build/client-venv build/client-src && mkdir -p build && cp -r client build/client-src
+	$(PYTHON) -m venv build/client-venv
+	build/client-venv/bin/pip install --quiet ./build/client-src
+	build/client-venv/bin/python -I -c "import tally_client"
+	@extra=$$(build/client-venv/bin/pip list --format=freeze --exclude pip --exclude setuptools --exclude tally-client); \
+	  test -z "$$extra" || { echo "pip install ./client pulled in: $$extra"; exit 1; }
+
+test: lint browser client-check
 	$(BIN)/pytest
 
 # The console's screenshots in README: the browser tests save them, this copies them into docs/img.
