@@ -32,9 +32,6 @@ import numpy as np
 _ONE_BY_ONE: Final = 8  # up to this many values, one update call each is cheaper than an array
 Z_99: Final = 2.5758  # standard deviations of a two-sided 99 % interval
 
-Uniq = ds.hll_sketch
-Quantiles = ds.kll_doubles_sketch
-Sketch = ds.hll_sketch | ds.kll_doubles_sketch
 _HLL_8: Final = ds.tgt_hll_type.HLL_8
 
 
@@ -72,15 +69,10 @@ def union(a: Any, b: Any) -> Any:
         return a
     if a is None:
         return b
-    if isinstance(a, ds.hll_sketch):
-        return union_all(a.lg_config_k, (a, b))
-    merged = ds.kll_doubles_sketch(a.k)
-    merged.merge(a)
-    merged.merge(b)
-    return merged
+    return merged((a, b))
 
 
-def union_all(lg_k: int, sketches: Iterable[Any]) -> ds.hll_sketch:
+def _hll_union(lg_k: int, sketches: Iterable[Any]) -> ds.hll_sketch:
     """The union of HLL sketches (any precision), at `lg_k` at most."""
     u = ds.hll_union(lg_k)
     for s in sketches:
@@ -94,7 +86,7 @@ def merged(sketches: Sequence[Any]) -> Any:
         return sketches[0]
     first = sketches[0]
     if isinstance(first, ds.hll_sketch):
-        return union_all(max(s.lg_config_k for s in sketches), sketches)
+        return _hll_union(max(s.lg_config_k for s in sketches), sketches)
     out = ds.kll_doubles_sketch(first.k)
     for s in sketches:
         out.merge(s)
