@@ -14,13 +14,13 @@ from typing import Any
 from uuid import UUID
 
 from tally_client._batching import Batch
-from tally_client._core import Core, logger
-from tally_client._options import DroppedCallback, Options, RejectedCallback, Stats
+from tally_client._core import Core, Counters, logger
+from tally_client._options import DroppedCallback, Options, RejectedCallback
 from tally_client._retry import Verdict
 from tally_client._transport import Response, Transport
 
 
-class AsyncClient:
+class AsyncClient(Counters):
     """`async with AsyncClient(url) as tally: tally.capture(...)`; `await tally.flush(5)`.
 
     Under full_policy="block" capture() cannot wait (it would stall the event loop): it raises
@@ -115,29 +115,6 @@ class AsyncClient:
         await asyncio.to_thread(self._transport.close)
         if self._core.spool is not None:
             self._core.spool.close()
-
-    def stats(self) -> Stats:
-        return self._core.stats()
-
-    @property
-    def sent(self) -> int:
-        return self._core.sent
-
-    @property
-    def retried(self) -> int:
-        return self._core.retried
-
-    @property
-    def rejected(self) -> int:
-        return self._core.rejected
-
-    @property
-    def dropped(self) -> int:
-        return self._core.dropped
-
-    @property
-    def queue_depth(self) -> int:
-        return self._core.outstanding
 
     async def __aenter__(self) -> AsyncClient:
         self._ensure_task()

@@ -338,6 +338,35 @@ class Core:
                 logger.exception("tally_client: the on_dropped callback raised")
 
 
+class Counters:
+    """The counters both clients show, read from their Core (one definition for Client and AsyncClient)."""
+
+    _core: Core
+
+    def stats(self) -> Stats:
+        return self._core.stats()
+
+    @property
+    def sent(self) -> int:
+        return self._core.sent
+
+    @property
+    def retried(self) -> int:
+        return self._core.retried
+
+    @property
+    def rejected(self) -> int:
+        return self._core.rejected
+
+    @property
+    def dropped(self) -> int:
+        return self._core.dropped
+
+    @property
+    def queue_depth(self) -> int:
+        return self._core.outstanding
+
+
 def sent_at() -> int:
     return now_ms()
 

@@ -12,13 +12,13 @@ from typing import Any
 from uuid import UUID
 
 from tally_client._batching import Batch
-from tally_client._core import Core, logger
-from tally_client._options import DroppedCallback, Options, RejectedCallback, Stats
+from tally_client._core import Core, Counters, logger
+from tally_client._options import DroppedCallback, Options, RejectedCallback
 from tally_client._retry import Verdict
 from tally_client._transport import Response, Transport
 
 
-class Client:
+class Client(Counters):
     """A Tally producer. `capture()` validates and queues an event and returns at once; a daemon
     thread sends batches (POST /v1/events, one Idempotency-Key per batch for all its attempts).
     `flush()` waits for what was captured so far; `close()` flushes and stops, and runs at
@@ -98,29 +98,6 @@ class Client:
         self._core.flushed_by_close = True
         self._finalizer()
         self._transport.close()
-
-    def stats(self) -> Stats:
-        return self._core.stats()
-
-    @property
-    def sent(self) -> int:
-        return self._core.sent
-
-    @property
-    def retried(self) -> int:
-        return self._core.retried
-
-    @property
-    def rejected(self) -> int:
-        return self._core.rejected
-
-    @property
-    def dropped(self) -> int:
-        return self._core.dropped
-
-    @property
-    def queue_depth(self) -> int:
-        return self._core.outstanding
 
     def __enter__(self) -> Client:
         return self
