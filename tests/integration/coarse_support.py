@@ -21,6 +21,17 @@ def with_rollups(settings: Settings, tmp: Path, body: str, **overrides: Any) -> 
     return Settings(**{**settings.model_dump(), "rollups_file": path, **overrides})
 
 
+async def reset_tables(conn: asyncpg.Connection, topic: str, s: Settings) -> None:
+    """Empty every rollup table, the offsets and the claims; the group's partition 0 of `topic` at offset 0."""
+    tables = ", ".join(t for spec in s.rollups for t in spec.tables)
+    await conn.execute(f"TRUNCATE {tables}, tally_offsets, tally_seen_events")
+    await conn.execute(
+        "INSERT INTO tally_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, 0, 0)",
+        s.consumer_group,
+        topic,
+    )
+
+
 async def rebucketed(conn: asyncpg.Connection, spec: RollupSpec, granularity: str) -> list[tuple[Any, ...]]:
     """The base table re-bucketed by SQL: what the `granularity` table must hold."""
     dims = [f'"{c}"' for c in spec.dimension_columns]

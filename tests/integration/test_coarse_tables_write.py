@@ -34,7 +34,7 @@ from core.migrate import migrate, migrate_database
 from core.retention import format_report, run_retention
 from core.settings import Settings
 from schemas.events import EventLimits, normalize_event
-from tests.integration.coarse_support import assert_coarse_exact, with_rollups
+from tests.integration.coarse_support import assert_coarse_exact, reset_tables, with_rollups
 from tests.integration.consumer_helpers import envelopes
 from tests.records import Rec
 
@@ -94,16 +94,6 @@ def _encode(e: dict[str, Any], with_id: bool) -> bytes:
     return normalize_event(raw, RECEIVED, EventLimits())
 
 
-async def _reset(conn: asyncpg.Connection, s: Settings) -> None:
-    tables = ", ".join(t for spec in s.rollups for t in spec.tables)
-    await conn.execute(f"TRUNCATE {tables}, tally_offsets, tally_seen_events")
-    await conn.execute(
-        "INSERT INTO tally_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, 0, 0)",
-        s.consumer_group,
-        TOPIC,
-    )
-
-
 @pytest.fixture
 async def coarse(settings: Settings, tmp_path: Path) -> Settings:
     s = with_rollups(settings, tmp_path, COARSE)
@@ -135,7 +125,7 @@ async def test_every_coarse_table_is_the_base_table_rebucketed_after_random_batc
     dedupe = Dedup(engine, 24) if dedup else None
     conn = await asyncpg.connect(str(coarse.postgres_url))
     try:
-        await _reset(conn, coarse)
+        await reset_tables(conn, TOPIC, coarse)
         flusher = Flusher(
             engine, coarse.consumer_group, plans, version=await registry_version(engine, coarse.rollups), dedup=dedupe
         )

@@ -39,7 +39,7 @@ from core.settings import Settings
 from schemas import sketches
 from schemas.events import EventLimits, normalize_event
 from schemas.rollups import dimension_text
-from tests.integration.coarse_support import with_rollups
+from tests.integration.coarse_support import reset_tables, with_rollups
 from tests.integration.consumer_helpers import envelopes
 from tests.integration.query_support import exact, query_api, walk
 from tests.records import Rec
@@ -117,16 +117,6 @@ async def sketched(settings: Settings, tmp_path: Path) -> Settings:
     s = with_rollups(settings, tmp_path, ROLLUPS)
     await migrate_database(s)
     return s
-
-
-async def _reset(conn: asyncpg.Connection, s: Settings) -> None:
-    tables = ", ".join(t for spec in s.rollups for t in spec.tables)
-    await conn.execute(f"TRUNCATE {tables}, tally_offsets, tally_seen_events")
-    await conn.execute(
-        "INSERT INTO tally_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, 0, 0)",
-        s.consumer_group,
-        TOPIC,
-    )
 
 
 async def _apply(
@@ -219,7 +209,7 @@ async def test_every_tables_sketches_equal_one_sketch_of_the_counted_events(
     monkeypatch.setattr(flush, "COPY_MIN_ROWS", copy_from)
     conn = await asyncpg.connect(str(sketched.postgres_url))
     try:
-        await _reset(conn, sketched)
+        await reset_tables(conn, TOPIC, sketched)
     finally:
         await conn.close()
     await _apply(sketched, [_encode(e, dedup) for e in events], cuts, per_record=per_record, dedup=dedup, replay=replay)
@@ -248,7 +238,7 @@ async def _seed(s: Settings, n: int, seed: int) -> list[dict[str, Any]]:
     ]
     conn = await asyncpg.connect(str(s.postgres_url))
     try:
-        await _reset(conn, s)
+        await reset_tables(conn, TOPIC, s)
     finally:
         await conn.close()
     await _apply(s, [_encode(e, False) for e in events], [7, 3, 50], per_record=40, dedup=False)
@@ -401,3 +391,29 @@ async def test_queries_unite_the_matching_rows_sketches_at_every_granularity_and
         # An unknown percentile is a 400 that names it.
         bad = await http.get("/v1/rollups/sk", params={"fields": "p100_properties_amount"})
         assert bad.status_code == 400 and "p100_properties_amount" in bad.text
+
+
+async def test_a_rollup_of_sketches_alone_merges_existing_rows(settings: Settings, tmp_path: Path) -> None:
+    """No count, sum, min or max to merge: the upsert's conflict clause changes nothing but still locks
+    and returns each existing row, whose sketches the flush unites. Two batches over the same rows."""
+    declared = '[[rollup]]\nname = "only"\ndimensions = ["type"]\nmeasures = ["uniq:user_id"]\n'
+    s = with_rollups(settings, tmp_path, declared)
+    await migrate_database(s)
+    events = [
+        {"type": "click", "ts": RECEIVED - 1000 * (i % 50), "source": None, "user": f"u{i}",
+         "amount": None, "path": None, "id": 0}
+        for i in range(300)
+    ]
+    conn = await asyncpg.connect(str(s.postgres_url))
+    try:
+        await reset_tables(conn, TOPIC, s)
+        await _apply(s, [_encode(e, False) for e in events], [2], per_record=100, dedup=False)
+        rows = await conn.fetch("SELECT bucket, uniq_user_id FROM agg_only")
+    finally:
+        await conn.close()
+    want: dict[Any, Any] = defaultdict(lambda: ds.hll_sketch(15, ds.tgt_hll_type.HLL_8))
+    for e in events:
+        want[_floor(e["ts"], "minute")].update(e["user"])
+    assert {r["bucket"]: sketches.decode_uniq(r["uniq_user_id"]).get_estimate() for r in rows} == {
+        b: sketches.decode_uniq(sketches.encode(h)).get_estimate() for b, h in want.items()
+    }
